@@ -1,0 +1,2 @@
+//! `accelctl`: one-shot conversions and the task API client.
+fn main() {}

@@ -1,0 +1,2 @@
+//! `acceld`: the conversion daemon.
+fn main() {}

@@ -1,0 +1,177 @@
+//! `pipelines.yaml`: the schema shared by `accelctl` and `acceld`, `${VAR}` expansion, and
+//! validation that reports every problem with its path.
+
+mod load;
+mod units;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+pub use load::{ConfigError, Problem};
+pub use units::{string_or_list, ByteSize, Secret};
+
+use crate::drivers::DriverKind;
+use crate::oci::Platform;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// HTTP API of `acceld`.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Where blobs are kept between pull, convert and push.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// Per registry host (`host` or `host:port`, as in image references): credentials and
+    /// transport.
+    #[serde(default)]
+    pub registries: BTreeMap<String, RegistryConfig>,
+    /// Docker `config.json` to take credentials from for hosts not listed under `registries`.
+    /// Default: `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`, when present.
+    #[serde(default)]
+    pub docker_config: Option<PathBuf>,
+    /// Named event sources; pipelines refer to them by name.
+    #[serde(default)]
+    pub sources: BTreeMap<String, SourceConfig>,
+    /// Named result sinks; pipelines refer to them by name.
+    #[serde(default)]
+    pub sinks: BTreeMap<String, SinkConfig>,
+    /// What to convert, how, and where results go.
+    #[serde(default)]
+    pub pipelines: Vec<PipelineConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address the API listens on.
+    pub listen: String,
+    /// When set, every API request must carry exactly this `Authorization` header value.
+    pub auth_header: Option<Secret>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig { listen: "127.0.0.1:2077".into(), auth_header: None }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum StoreConfig {
+    /// Content-addressed blobs on local disk (no external service).
+    Embedded {
+        /// Directory of the store. Default: `$XDG_CACHE_HOME/accel/store` or `~/.cache/accel/store`.
+        #[serde(default)]
+        path: Option<PathBuf>,
+        /// Least recently used blobs are evicted beyond this size.
+        #[serde(default = "default_store_max_size")]
+        max_size: ByteSize,
+    },
+}
+
+fn default_store_max_size() -> ByteSize {
+    ByteSize(20 << 30)
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig::Embedded { path: None, max_size: default_store_max_size() }
+    }
+}
+
+/// Credentials and transport for one registry host.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// base64 of `user:secret` (as Harbor shows for robot accounts). The secret may contain `:`.
+    pub auth: Option<Secret>,
+    /// Alternative to `auth`: user name and password given separately.
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// Allow plain HTTP and unverified TLS for this host. Hosts on loopback always use HTTP.
+    pub insecure: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum SourceConfig {
+    /// Harbor webhooks (`artifact pushed`) posted to `/api/v1/conversions`.
+    Harbor {},
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum SinkConfig {
+    /// One JSON result per line on standard output.
+    Stdout {},
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Unique name; appears in tasks, logs and results.
+    pub name: String,
+    /// Names of `sources` that feed this pipeline. Empty: all sources.
+    #[serde(default)]
+    pub sources: Vec<String>,
+    /// Which images this pipeline converts. Omitted: all.
+    #[serde(default, rename = "match")]
+    pub matches: MatchConfig,
+    /// Platforms to convert from a multi-platform index (`os/arch[/variant]`). Empty: all.
+    #[serde(default)]
+    pub platforms: Vec<Platform>,
+    /// Conversions made from one pull of the source image.
+    pub convert: Vec<ConversionConfig>,
+    /// Names of `sinks` that hear each result.
+    #[serde(default)]
+    pub sinks: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MatchConfig {
+    /// Glob patterns over the repository path (without host), e.g. `library/*`.
+    pub repositories: Vec<String>,
+    /// Glob patterns over the tag.
+    pub tags: Vec<String>,
+}
+
+impl Default for MatchConfig {
+    fn default() -> Self {
+        MatchConfig { repositories: vec!["**".into()], tags: vec!["*".into()] }
+    }
+}
+
+/// One target format and how the target is named.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConversionConfig {
+    pub driver: DriverKind,
+    /// Driver options; see the driver's documentation. Unknown options are errors.
+    #[serde(default = "empty_object")]
+    pub options: serde_json::Value,
+    /// Appended to the source tag to name the target. Default: the driver's (`-esgz`, …).
+    #[serde(default)]
+    pub tag_suffix: Option<String>,
+    /// Push the target to this repository (same registry) instead of the source repository.
+    #[serde(default)]
+    pub repository: Option<String>,
+}
+
+fn empty_object() -> serde_json::Value {
+    serde_json::json!({})
+}
+
+impl ConversionConfig {
+    pub fn new(driver: DriverKind) -> Self {
+        ConversionConfig { driver, options: empty_object(), tag_suffix: None, repository: None }
+    }
+
+    pub fn tag_suffix(&self) -> &str {
+        self.tag_suffix.as_deref().unwrap_or(self.driver.default_tag_suffix())
+    }
+}

@@ -1,0 +1,126 @@
+//! Format drivers: each turns a source layer's tar stream into a target layer blob.
+//!
+//! Drivers are synchronous and CPU-bound; the pipeline runs them on the blocking pool and
+//! bridges the content store's async streams to `Read`/`Write`.
+
+pub mod compression;
+pub mod estargz;
+pub mod tar;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::{Read, Write};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::oci::Digest;
+
+/// The formats this project writes. The serde name is the one used in config, CLI and results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriverKind {
+    Estargz,
+}
+
+impl DriverKind {
+    pub const ALL: [DriverKind; 1] = [DriverKind::Estargz];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DriverKind::Estargz => "estargz",
+        }
+    }
+
+    /// Tag suffix used when neither config nor CLI names the target.
+    pub fn default_tag_suffix(self) -> &'static str {
+        match self {
+            DriverKind::Estargz => "-esgz",
+        }
+    }
+
+    /// Builds the driver from its options (a JSON object; `{}` means all defaults).
+    /// Unknown or ill-typed options are errors naming the option.
+    pub fn build(self, options: &serde_json::Value) -> Result<Arc<dyn Driver>, DriverError> {
+        let options = if options.is_null() { serde_json::json!({}) } else { options.clone() };
+        match self {
+            DriverKind::Estargz => {
+                let opts: estargz::EstargzOptions = serde_path_to_error::deserialize(options)
+                    .map_err(|e| DriverError::Options { driver: self, why: e.to_string() })?;
+                Ok(Arc::new(estargz::Estargz::new(opts)?))
+            }
+        }
+    }
+}
+
+impl fmt::Display for DriverKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for DriverKind {
+    type Err = DriverError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        DriverKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| DriverError::Unknown(s.to_string()))
+    }
+}
+
+/// What a driver reports about one target layer. The compressed digest and size are measured
+/// by the caller on the bytes written to `output`.
+#[derive(Debug, Clone)]
+pub struct LayerOutput {
+    pub media_type: String,
+    /// Digest of the uncompressed target layer: the new `rootfs.diff_ids` entry.
+    pub diff_id: Digest,
+    pub uncompressed_size: u64,
+    pub annotations: BTreeMap<String, String>,
+}
+
+pub trait Driver: Send + Sync {
+    fn kind(&self) -> DriverKind;
+
+    /// Version of the format writer; part of the identity of a conversion.
+    fn version(&self) -> &str;
+
+    /// Options in effect, as a canonical JSON object (for idempotency keys and results).
+    fn options(&self) -> serde_json::Value;
+
+    /// Converts one layer. `input` is the decompressed source tar stream; the target blob is
+    /// written to `output`.
+    fn convert_layer(&self, input: &mut dyn Read, output: &mut dyn Write) -> Result<LayerOutput, DriverError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("unknown driver {0:?}; known drivers: estargz")]
+    Unknown(String),
+    #[error("invalid options for driver {driver}: {why}")]
+    Options { driver: DriverKind, why: String },
+    #[error("source layer is not a valid tar stream at byte {offset}: {why}")]
+    InvalidTar { offset: u64, why: String },
+    #[error("source layer could not be decompressed: {0}")]
+    Decompress(String),
+    #[error("I/O error while converting a layer: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn driver_names_round_trip() {
+        for k in DriverKind::ALL {
+            assert_eq!(k.as_str().parse::<DriverKind>().unwrap(), k);
+            let json = serde_json::to_string(&k).unwrap();
+            assert_eq!(json, format!("\"{}\"", k.as_str()));
+            assert_eq!(serde_json::from_str::<DriverKind>(&json).unwrap(), k);
+        }
+        assert!("gzip".parse::<DriverKind>().is_err());
+    }
+}

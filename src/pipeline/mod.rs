@@ -1,0 +1,1 @@
+//! Pipelines: matching events, naming targets, running conversions.

@@ -1,0 +1,1 @@
+//! Result sinks: where conversion results are published.

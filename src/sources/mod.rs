@@ -1,0 +1,1 @@
+//! Event sources: Harbor webhooks today; buses and registry polling later.

@@ -1,0 +1,4 @@
+//! Shared test harness: real servers on loopback and real-content image fixtures.
+#![allow(dead_code)]
+
+pub mod registry;
