@@ -1,2 +1,8 @@
 //! `acceld`: the conversion daemon.
-fn main() {}
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    eprintln!("error: the acceld daemon (webhook API and workers) is not available in this build yet; use `accelctl convert` for one-shot conversions");
+    ExitCode::FAILURE
+}

@@ -50,6 +50,7 @@ pub struct ServerConfig {
     /// Address the API listens on.
     pub listen: String,
     /// When set, every API request must carry exactly this `Authorization` header value.
+    #[serde(deserialize_with = "units::non_empty_secret")]
     pub auth_header: Option<Secret>,
 }
 
@@ -88,9 +89,11 @@ impl Default for StoreConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct RegistryConfig {
     /// base64 of `user:secret` (as Harbor shows for robot accounts). The secret may contain `:`.
+    #[serde(deserialize_with = "units::non_empty_secret")]
     pub auth: Option<Secret>,
     /// Alternative to `auth`: user name and password given separately.
     pub username: Option<String>,
+    #[serde(deserialize_with = "units::non_empty_secret")]
     pub password: Option<Secret>,
     /// Allow plain HTTP and unverified TLS for this host. Hosts on loopback always use HTTP.
     pub insecure: bool,

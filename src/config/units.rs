@@ -102,6 +102,12 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// An optional secret where an empty string (as `${VAR:-}` gives for an unset variable) means
+/// "not set".
+pub fn non_empty_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Secret>, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.filter(|s| !s.is_empty()).map(Secret))
+}
+
 /// Accepts either a YAML/JSON list of strings or one comma-separated string (as `--option K=a,b`
 /// gives).
 pub fn string_or_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {

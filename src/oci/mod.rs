@@ -1,10 +1,12 @@
 //! OCI vocabulary shared by every stage: digests, image references, media types, annotation keys.
 
 mod digest;
+mod manifest;
 mod platform;
 mod reference;
 
 pub use digest::{Digest, DigestError, Hasher};
+pub use manifest::{Descriptor, ImageIndex, ImageManifest, PlatformSpec};
 pub use platform::Platform;
 pub use reference::{Reference, ReferenceError};
 

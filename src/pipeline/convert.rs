@@ -1,0 +1,620 @@
+//! One conversion of one source image into one or more target formats: the source is pulled
+//! once into the store, each layer is converted by each driver, and every target is pushed.
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use serde::Serialize;
+use tokio::io::AsyncWriteExt;
+use tokio_util::io::SyncIoBridge;
+
+use super::naming::TargetNaming;
+use super::progress::{Progress, Stage};
+use crate::drivers::{compression, Driver, DriverError, DriverKind};
+use crate::oci::{annotations, media_types, Descriptor, Digest, Hasher, ImageIndex, ImageManifest, Platform, Reference, ReferenceError};
+use crate::registry::{RegistryClient, RegistryError};
+use crate::store::{Lease, Store, StoreError};
+
+/// One target to produce from the source.
+#[derive(Clone)]
+pub struct Conversion {
+    pub driver: Arc<dyn Driver>,
+    pub naming: TargetNaming,
+}
+
+pub struct ConvertRequest {
+    pub source: Reference,
+    pub conversions: Vec<Conversion>,
+    /// Platforms to keep from an index; empty keeps every runnable image.
+    pub platforms: Vec<Platform>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ConvertResult {
+    pub source: Reference,
+    pub source_digest: Digest,
+    /// Bytes of the source: manifests, configs and layers.
+    pub source_size: u64,
+    pub targets: Vec<TargetResult>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TargetResult {
+    pub driver: DriverKind,
+    pub reference: Reference,
+    pub digest: Digest,
+    pub media_type: String,
+    /// Bytes of the target: manifests, configs and layers.
+    pub size: u64,
+    /// Platforms converted, for a multi-platform target.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub platforms: Vec<Platform>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    #[error("{action}: {source}")]
+    Registry { action: String, source: RegistryError },
+    #[error("content store: {0}")]
+    Store(#[from] StoreError),
+    #[error("layer {layer} of {image}: {source}")]
+    Driver { image: String, layer: Digest, source: DriverError },
+    #[error("{reference}: {why}")]
+    BadImage { reference: String, why: String },
+    #[error("{reference}: not a container image ({why}); only images are converted")]
+    NotAnImage { reference: String, why: String },
+    #[error("layer {layer} of {image} decompresses to {actual}, but the image config lists diff_id {expected}; the source image is corrupt")]
+    DiffIdMismatch { image: String, layer: Digest, expected: Digest, actual: Digest },
+    #[error("{reference} has no image for platform(s) {wanted}; it has: {available}")]
+    NoPlatform { reference: String, wanted: String, available: String },
+    #[error("target name: {0}")]
+    Target(#[from] ReferenceError),
+    #[error("conversion worker stopped unexpectedly: {0}")]
+    Join(String),
+}
+
+impl ConvertError {
+    /// Whether the same conversion may succeed if tried again later.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ConvertError::Registry { source, .. } => source.is_retryable(),
+            ConvertError::Store(e) => e.is_retryable(),
+            ConvertError::Driver { source: DriverError::Io(_), .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// A platform image of the source, pulled into the store.
+struct SourceImage {
+    reference: Reference,
+    digest: Digest,
+    /// The index entry it came from (platform, annotations), for a multi-platform source.
+    entry: Option<Descriptor>,
+    manifest: ImageManifest,
+    manifest_size: u64,
+    config: serde_json::Value,
+}
+
+/// A converted platform image, in the store, ready to push.
+struct TargetImage {
+    entry: Option<Descriptor>,
+    manifest: Bytes,
+    digest: Digest,
+    blobs: Vec<Descriptor>,
+    size: u64,
+}
+
+pub struct Converter {
+    registry: Arc<RegistryClient>,
+    store: Arc<dyn Store>,
+    progress: Arc<dyn Progress>,
+    /// Layers converted at once. Each driver already uses every core inside a layer; two
+    /// overlaps one layer's reading with another's compression.
+    layer_jobs: usize,
+    /// Blob transfers at once.
+    transfer_jobs: usize,
+}
+
+const RETRIES: u32 = 3;
+
+impl Converter {
+    pub fn new(registry: Arc<RegistryClient>, store: Arc<dyn Store>, progress: Arc<dyn Progress>) -> Self {
+        Converter { registry, store, progress, layer_jobs: 2, transfer_jobs: 4 }
+    }
+
+    pub async fn convert(&self, req: &ConvertRequest) -> Result<ConvertResult, ConvertError> {
+        let lease = self.store.lease();
+        let source = &req.source;
+        self.progress.stage(Stage::Pulling, source);
+        let top = self
+            .retry(&format!("fetch manifest of {source}"), || self.registry.get_manifest(source))
+            .await?;
+        let (images, index) = if media_types::is_index(&top.media_type) {
+            let index: ImageIndex = parse_json(&top.bytes, source)?;
+            let entries = select_platforms(source, &index, &req.platforms)?;
+            let mut images = Vec::new();
+            for entry in entries {
+                let r = source.repository_only().with_digest(entry.digest.clone());
+                let m = self.retry(&format!("fetch manifest {}", r), || self.registry.get_manifest(&r)).await?;
+                images.push(self.pull_image(source, m.bytes, m.digest, Some(entry), &lease).await?);
+            }
+            (images, Some(index))
+        } else if media_types::is_manifest(&top.media_type) {
+            let image = self.pull_image(source, top.bytes.clone(), top.digest.clone(), None, &lease).await?;
+            check_single_platform(source, &image, &req.platforms)?;
+            (vec![image], None)
+        } else {
+            return Err(ConvertError::NotAnImage {
+                reference: source.to_string(),
+                why: format!("manifest media type {}", top.media_type),
+            });
+        };
+        self.progress.stage(Stage::Pulled, source);
+        let source_size = top.bytes.len() as u64
+            + if index.is_some() { images.iter().map(|i| i.manifest_size).sum::<u64>() } else { 0 }
+            + images.iter().map(image_blob_size).sum::<u64>();
+
+        let mut targets = Vec::new();
+        for conv in &req.conversions {
+            let target_ref = conv.naming.target_for(source)?;
+            self.progress.stage(Stage::Converting, source);
+            let mut converted = Vec::new();
+            for image in &images {
+                converted.push(self.convert_image(image, conv.driver.clone(), &lease).await?);
+            }
+            self.progress.stage(Stage::Converted, &target_ref);
+            self.progress.stage(Stage::Pushing, &target_ref);
+            let result = self.push_target(source, &top.digest, &target_ref, conv, converted, index.as_ref()).await?;
+            self.progress.stage(Stage::Pushed, &result.reference);
+            targets.push(result);
+        }
+        Ok(ConvertResult { source: source.clone(), source_digest: top.digest, source_size, targets })
+    }
+
+    async fn pull_image(
+        &self,
+        source: &Reference,
+        bytes: Bytes,
+        digest: Digest,
+        entry: Option<Descriptor>,
+        lease: &Lease,
+    ) -> Result<SourceImage, ConvertError> {
+        let reference = source.repository_only().with_digest(digest.clone());
+        let manifest: ImageManifest = parse_manifest(&bytes, &reference)?;
+        let config_type = manifest.config.media_type.as_str();
+        if config_type != media_types::OCI_CONFIG && config_type != media_types::DOCKER_CONFIG {
+            return Err(ConvertError::NotAnImage { reference: reference.to_string(), why: format!("config media type {config_type}") });
+        }
+        for layer in &manifest.layers {
+            if compression::Compression::from_media_type(&layer.media_type).is_none() {
+                return Err(ConvertError::NotAnImage {
+                    reference: reference.to_string(),
+                    why: format!("layer {} has media type {}, which is not a tar layer", layer.digest, layer.media_type),
+                });
+            }
+            if layer.extra.contains_key("urls") {
+                return Err(ConvertError::BadImage {
+                    reference: reference.to_string(),
+                    why: format!("layer {} is a foreign layer (it has `urls`); such layers cannot be redistributed", layer.digest),
+                });
+            }
+        }
+        let mut blobs = vec![manifest.config.clone()];
+        blobs.extend(manifest.layers.iter().cloned());
+        self.progress.add_steps(manifest.layers.len() as u64);
+        futures::stream::iter(blobs.iter().enumerate())
+            .map(|(i, d)| async move {
+                self.pull_blob(source, d, lease).await?;
+                if i > 0 {
+                    self.progress.step_done(&format!("pulled layer {} ({})", d.digest, human(d.size)));
+                }
+                Ok::<_, ConvertError>(())
+            })
+            .buffer_unordered(self.transfer_jobs)
+            .try_collect::<()>()
+            .await?;
+        let config_bytes = self.read_small(&manifest.config.digest).await?;
+        let config: serde_json::Value = parse_json(&config_bytes, &reference)?;
+        let diff_ids = config.pointer("/rootfs/diff_ids").and_then(|v| v.as_array()).map(|v| v.len());
+        if diff_ids != Some(manifest.layers.len()) {
+            return Err(ConvertError::BadImage {
+                reference: reference.to_string(),
+                why: format!(
+                    "config lists {} diff_ids for {} layers",
+                    diff_ids.map(|n| n.to_string()).unwrap_or_else(|| "no".into()),
+                    manifest.layers.len()
+                ),
+            });
+        }
+        Ok(SourceImage { reference, digest, entry, manifest, manifest_size: bytes.len() as u64, config })
+    }
+
+    async fn pull_blob(&self, source: &Reference, d: &Descriptor, lease: &Lease) -> Result<(), ConvertError> {
+        lease.add(&d.digest);
+        if self.store.has(&d.digest).await?.is_some() {
+            return Ok(());
+        }
+        let action = format!("pull blob {} of {}", d.digest, source.name());
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result: Result<(), ConvertError> = async {
+                let mut blob = self
+                    .registry
+                    .get_blob(source, &d.digest)
+                    .await
+                    .map_err(|e| ConvertError::Registry { action: action.clone(), source: e })?;
+                let mut w = self.store.writer().await?;
+                while let Some(chunk) = blob.stream.next().await {
+                    let chunk = chunk.map_err(|e| ConvertError::Registry { action: action.clone(), source: e })?;
+                    w.write_all(&chunk).await.map_err(|e| StoreError::Io { path: "ingest".into(), source: e })?;
+                }
+                w.commit(Some(&d.digest)).await?;
+                Ok(())
+            }
+            .await;
+            match result {
+                Err(e) if e.is_retryable() && attempt < RETRIES => {
+                    tracing::warn!(digest = %d.digest, attempt, "retrying after: {e}");
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn read_small(&self, d: &Digest) -> Result<Bytes, ConvertError> {
+        use tokio::io::AsyncReadExt;
+        let mut r = self.store.reader(d).await?;
+        let mut buf = Vec::new();
+        r.read_to_end(&mut buf).await.map_err(|e| StoreError::Io { path: d.to_string().into(), source: e })?;
+        Ok(buf.into())
+    }
+
+    async fn put_small(&self, data: &[u8], lease: &Lease) -> Result<Digest, ConvertError> {
+        let mut w = self.store.writer().await?;
+        w.write_all(data).await.map_err(|e| StoreError::Io { path: "ingest".into(), source: e })?;
+        let (d, _) = w.commit(Some(&Digest::of(data))).await?;
+        lease.add(&d);
+        Ok(d)
+    }
+
+    async fn convert_image(&self, image: &SourceImage, driver: Arc<dyn Driver>, lease: &Lease) -> Result<TargetImage, ConvertError> {
+        let layers = &image.manifest.layers;
+        self.progress.add_steps(layers.len() as u64);
+        let diff_ids: Vec<Option<Digest>> = (0..layers.len())
+            .map(|i| image.config.pointer(&format!("/rootfs/diff_ids/{i}")).and_then(|v| v.as_str()).and_then(|s| s.parse().ok()))
+            .collect();
+        let converted: Vec<(Descriptor, Digest)> = futures::stream::iter(layers.iter().zip(diff_ids))
+            .map(|(layer, diff_id)| {
+                let driver = driver.clone();
+                async move {
+                    let out = self.convert_layer(image, layer, diff_id, driver, lease).await?;
+                    self.progress.step_done(&format!("converted layer {} ({} -> {})", layer.digest, human(layer.size), human(out.0.size)));
+                    Ok::<_, ConvertError>(out)
+                }
+            })
+            .buffered(self.layer_jobs)
+            .try_collect()
+            .await?;
+
+        let mut config = image.config.clone();
+        let new_ids: Vec<serde_json::Value> = converted.iter().map(|(_, id)| serde_json::Value::String(id.to_string())).collect();
+        config["rootfs"]["diff_ids"] = serde_json::Value::Array(new_ids);
+        let config_bytes = serde_json::to_vec(&config).map_err(|e| ConvertError::BadImage { reference: image.reference.to_string(), why: e.to_string() })?;
+        let config_digest = self.put_small(&config_bytes, lease).await?;
+        let config_desc = Descriptor::new(media_types::OCI_CONFIG, config_digest, config_bytes.len() as u64);
+
+        let mut manifest = image.manifest.clone();
+        manifest.media_type = Some(media_types::OCI_MANIFEST.to_string());
+        manifest.config = config_desc.clone();
+        manifest.layers = converted.iter().map(|(d, _)| d.clone()).collect();
+        manifest.annotations.insert(annotations::SOURCE_DIGEST.into(), image.digest.to_string());
+        manifest.annotations.insert(annotations::DRIVER.into(), format!("{}/{}", driver.kind(), driver.version()));
+        let bytes = Bytes::from(serde_json::to_vec(&manifest).expect("manifest serializes"));
+        let mut blobs = manifest.layers.clone();
+        blobs.push(config_desc);
+        let size = bytes.len() as u64 + blobs.iter().map(|b| b.size).sum::<u64>();
+        Ok(TargetImage { entry: image.entry.clone(), digest: Digest::of(&bytes), manifest: bytes, blobs, size })
+    }
+
+    async fn convert_layer(
+        &self,
+        image: &SourceImage,
+        layer: &Descriptor,
+        expected_diff_id: Option<Digest>,
+        driver: Arc<dyn Driver>,
+        lease: &Lease,
+    ) -> Result<(Descriptor, Digest), ConvertError> {
+        let reader = self.store.reader(&layer.digest).await?;
+        let writer = self.store.writer().await?;
+        let media_type = layer.media_type.clone();
+        let driver_err = |source| ConvertError::Driver { image: image.reference.to_string(), layer: layer.digest.clone(), source };
+        // The bridges block on the runtime from the blocking pool, never from executor threads.
+        let input = SyncIoBridge::new(reader);
+        let output = SyncIoBridge::new(writer);
+        let joined = tokio::task::spawn_blocking(move || -> Result<_, DriverError> {
+            let buffered = BufReader::with_capacity(1 << 20, input);
+            let decompressed = compression::decompress(&media_type, buffered)?;
+            let mut hashing = HashingReader { inner: decompressed, hasher: Hasher::new() };
+            let mut out = BufWriter::with_capacity(1 << 20, output);
+            let produced = driver.convert_layer(&mut hashing, &mut out)?;
+            // Tar writers pad past the end-of-archive blocks; the diff_id covers those bytes too.
+            std::io::copy(&mut hashing, &mut std::io::sink())?;
+            out.flush()?;
+            let mut bridge = out.into_inner().map_err(|e| e.into_error())?;
+            bridge.shutdown()?;
+            Ok((produced, hashing.hasher.finish(), bridge.into_inner()))
+        })
+        .await
+        .map_err(|e| ConvertError::Join(e.to_string()))?;
+        let (produced, source_diff_id, writer) = joined.map_err(driver_err)?;
+        if let Some(expected) = expected_diff_id {
+            if expected != source_diff_id {
+                return Err(ConvertError::DiffIdMismatch {
+                    image: image.reference.to_string(),
+                    layer: layer.digest.clone(),
+                    expected,
+                    actual: source_diff_id,
+                });
+            }
+        }
+        let (digest, size) = writer.commit(None).await?;
+        lease.add(&digest);
+        let mut desc = Descriptor::new(&produced.media_type, digest, size);
+        desc.annotations = produced.annotations;
+        Ok((desc, produced.diff_id))
+    }
+
+    async fn push_target(
+        &self,
+        source: &Reference,
+        source_digest: &Digest,
+        target: &Reference,
+        conv: &Conversion,
+        images: Vec<TargetImage>,
+        index: Option<&ImageIndex>,
+    ) -> Result<TargetResult, ConvertError> {
+        let mount_from = (source.registry() == target.registry() && source.repository() != target.repository()).then_some(source);
+        for image in &images {
+            self.progress.add_steps(image.blobs.len() as u64);
+            futures::stream::iter(image.blobs.iter())
+                .map(|b| async move {
+                    self.push_blob(target, b, mount_from).await?;
+                    self.progress.step_done(&format!("pushed blob {} ({})", b.digest, human(b.size)));
+                    Ok::<_, ConvertError>(())
+                })
+                .buffer_unordered(self.transfer_jobs)
+                .try_collect::<()>()
+                .await?;
+        }
+        let driver = &conv.driver;
+        let Some(index) = index else {
+            let image = images.into_iter().next().expect("one image for a manifest source");
+            let digest = self.put_manifest(target, media_types::OCI_MANIFEST, image.manifest.clone()).await?;
+            return Ok(TargetResult {
+                driver: driver.kind(),
+                reference: target.clone(),
+                digest,
+                media_type: media_types::OCI_MANIFEST.into(),
+                size: image.size,
+                platforms: Vec::new(),
+            });
+        };
+        let mut new_index = index.clone();
+        new_index.media_type = Some(media_types::OCI_INDEX.to_string());
+        new_index.manifests.clear();
+        let mut size = 0;
+        let mut platforms = Vec::new();
+        for image in images {
+            let child = target.repository_only().with_digest(image.digest.clone());
+            self.put_manifest(&child, media_types::OCI_MANIFEST, image.manifest.clone()).await?;
+            let mut entry = image.entry.clone().expect("index entries carry their descriptor");
+            entry.media_type = media_types::OCI_MANIFEST.to_string();
+            entry.digest = image.digest.clone();
+            entry.size = image.manifest.len() as u64;
+            if let Some(p) = &entry.platform {
+                platforms.push(p.platform());
+            }
+            size += image.size;
+            new_index.manifests.push(entry);
+        }
+        new_index.annotations.insert(annotations::SOURCE_DIGEST.into(), source_digest.to_string());
+        new_index.annotations.insert(annotations::DRIVER.into(), format!("{}/{}", driver.kind(), driver.version()));
+        let bytes = Bytes::from(serde_json::to_vec(&new_index).expect("index serializes"));
+        size += bytes.len() as u64;
+        let digest = self.put_manifest(target, media_types::OCI_INDEX, bytes).await?;
+        Ok(TargetResult { driver: driver.kind(), reference: target.clone(), digest, media_type: media_types::OCI_INDEX.into(), size, platforms })
+    }
+
+    async fn push_blob(&self, target: &Reference, b: &Descriptor, mount_from: Option<&Reference>) -> Result<(), ConvertError> {
+        let action = format!("push blob {} to {}", b.digest, target.name());
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let body = self.store.reader(&b.digest).await?;
+            match self.registry.push_blob(target, &b.digest, b.size, mount_from, body).await {
+                Ok(_) => return Ok(()),
+                Err(e) if e.is_retryable() && attempt < RETRIES => {
+                    tracing::warn!(digest = %b.digest, attempt, "retrying push after: {e}");
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+                Err(e) => return Err(ConvertError::Registry { action, source: e }),
+            }
+        }
+    }
+
+    async fn put_manifest(&self, target: &Reference, media_type: &str, bytes: Bytes) -> Result<Digest, ConvertError> {
+        self.retry(&format!("push manifest {target}"), || self.registry.put_manifest(target, media_type, bytes.clone())).await
+    }
+
+    async fn retry<T, F, Fut>(&self, action: &str, mut f: F) -> Result<T, ConvertError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, RegistryError>>,
+    {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match f().await {
+                Ok(v) => return Ok(v),
+                Err(e) if e.is_retryable() && attempt < RETRIES => {
+                    tracing::warn!(attempt, "{action}: retrying after: {e}");
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+                Err(e) => return Err(ConvertError::Registry { action: action.to_string(), source: e }),
+            }
+        }
+    }
+}
+
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(500 * 2u64.pow(attempt.saturating_sub(1)))
+}
+
+fn image_blob_size(i: &SourceImage) -> u64 {
+    i.manifest.config.size + i.manifest.layers.iter().map(|l| l.size).sum::<u64>()
+}
+
+fn human(bytes: u64) -> String {
+    const MIB: f64 = (1 << 20) as f64;
+    if bytes >= 1 << 20 {
+        format!("{:.1} MiB", bytes as f64 / MIB)
+    } else {
+        format!("{:.1} KiB", bytes as f64 / 1024.0)
+    }
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8], reference: &Reference) -> Result<T, ConvertError> {
+    serde_json::from_slice(bytes).map_err(|e| ConvertError::BadImage { reference: reference.to_string(), why: format!("malformed JSON document: {e}") })
+}
+
+fn parse_manifest(bytes: &[u8], reference: &Reference) -> Result<ImageManifest, ConvertError> {
+    let v: serde_json::Value = parse_json(bytes, reference)?;
+    if v.get("schemaVersion").and_then(|s| s.as_u64()) == Some(1) {
+        return Err(ConvertError::BadImage {
+            reference: reference.to_string(),
+            why: "Docker schema 1 manifests are not supported; re-push the image with a current client".into(),
+        });
+    }
+    parse_json(bytes, reference)
+}
+
+/// Which index entries are converted. Entries that are not runnable images are left out of the
+/// converted index: attestation manifests (platform `unknown/unknown` or the
+/// `vnd.docker.reference.type` annotation), nested indexes, and non-manifest artifacts — they
+/// describe the source manifests, not the converted ones. With `platforms`, only entries that
+/// one of them selects are kept.
+fn select_platforms(source: &Reference, index: &ImageIndex, platforms: &[Platform]) -> Result<Vec<Descriptor>, ConvertError> {
+    let mut keep = Vec::new();
+    let mut available = Vec::new();
+    for entry in &index.manifests {
+        let attestation = entry.annotations.contains_key("vnd.docker.reference.type")
+            || entry.platform.as_ref().is_some_and(|p| p.platform().is_unknown());
+        if attestation || !media_types::is_manifest(&entry.media_type) {
+            tracing::info!(digest = %entry.digest, media_type = %entry.media_type, "leaving non-image index entry out of the conversion");
+            continue;
+        }
+        let platform = entry.platform.as_ref().map(|p| p.platform());
+        if let Some(p) = &platform {
+            available.push(p.to_string());
+        }
+        let wanted = platforms.is_empty() || platform.as_ref().is_some_and(|p| platforms.iter().any(|w| w.selects(p)));
+        if wanted {
+            keep.push(entry.clone());
+        }
+    }
+    if keep.is_empty() {
+        return Err(ConvertError::NoPlatform {
+            reference: source.to_string(),
+            wanted: if platforms.is_empty() { "any".into() } else { join(platforms) },
+            available: if available.is_empty() { "no runnable images".into() } else { available.join(", ") },
+        });
+    }
+    Ok(keep)
+}
+
+fn check_single_platform(source: &Reference, image: &SourceImage, platforms: &[Platform]) -> Result<(), ConvertError> {
+    if platforms.is_empty() {
+        return Ok(());
+    }
+    let field = |k: &str| image.config.get(k).and_then(|v| v.as_str()).unwrap_or("");
+    let p = Platform::new(field("os"), field("architecture"), image.config.get("variant").and_then(|v| v.as_str()));
+    if platforms.iter().any(|w| w.selects(&p)) {
+        Ok(())
+    } else {
+        Err(ConvertError::NoPlatform { reference: source.to_string(), wanted: join(platforms), available: p.to_string() })
+    }
+}
+
+fn join(platforms: &[Platform]) -> String {
+    platforms.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+/// Hashes what passes through, to check the source layer against its diff_id.
+struct HashingReader<R> {
+    inner: R,
+    hasher: Hasher,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(platform: Option<(&str, &str)>, annotations: &[(&str, &str)]) -> serde_json::Value {
+        let mut e = serde_json::json!({
+            "mediaType": media_types::OCI_MANIFEST,
+            "digest": Digest::of(format!("{platform:?}{annotations:?}").as_bytes()).to_string(),
+            "size": 10,
+        });
+        if let Some((os, arch)) = platform {
+            e["platform"] = serde_json::json!({"os": os, "architecture": arch});
+        }
+        if !annotations.is_empty() {
+            e["annotations"] = annotations.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>().into();
+        }
+        e
+    }
+
+    fn index(entries: Vec<serde_json::Value>) -> ImageIndex {
+        serde_json::from_value(serde_json::json!({"schemaVersion": 2, "manifests": entries})).unwrap()
+    }
+
+    #[test]
+    fn attestations_are_left_out_and_platforms_filter() {
+        let src: Reference = "h.io/a:1".parse().unwrap();
+        let idx = index(vec![
+            entry(Some(("linux", "amd64")), &[]),
+            entry(Some(("linux", "arm64")), &[]),
+            entry(Some(("unknown", "unknown")), &[("vnd.docker.reference.type", "attestation-manifest")]),
+        ]);
+        assert_eq!(select_platforms(&src, &idx, &[]).unwrap().len(), 2);
+        let arm: Platform = "linux/arm64".parse().unwrap();
+        let kept = select_platforms(&src, &idx, &[arm]).unwrap();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].platform.as_ref().unwrap().architecture, "arm64");
+        let err = select_platforms(&src, &idx, &["linux/s390x".parse().unwrap()]).unwrap_err();
+        assert!(err.to_string().contains("linux/amd64, linux/arm64"), "{err}");
+    }
+
+    #[test]
+    fn schema1_is_rejected_clearly() {
+        let r: Reference = "h.io/a:1".parse().unwrap();
+        let err = parse_manifest(br#"{"schemaVersion":1,"fsLayers":[]}"#, &r).unwrap_err();
+        assert!(err.to_string().contains("schema 1"), "{err}");
+        let err = parse_manifest(b"{not json", &r).unwrap_err();
+        assert!(err.to_string().contains("malformed JSON"), "{err}");
+    }
+}

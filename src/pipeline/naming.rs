@@ -1,0 +1,84 @@
+//! Naming of conversion targets: tag suffix, other repository, or an explicit reference.
+
+use crate::config::ConversionConfig;
+use crate::oci::{Reference, ReferenceError};
+
+/// Where one conversion's result is pushed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetNaming {
+    /// `repo:<tag><suffix>` in the source repository, or in `repository` of the same registry.
+    Suffix { suffix: String, repository: Option<String> },
+    /// Exactly this reference (its tag, or `latest` when it has none).
+    Exact(Reference),
+}
+
+impl TargetNaming {
+    pub fn from_config(c: &ConversionConfig) -> Self {
+        TargetNaming::Suffix { suffix: c.tag_suffix().to_string(), repository: c.repository.clone() }
+    }
+
+    /// The target reference for `source`.
+    ///
+    /// The tag a suffix is appended to is the source's tag; a digest-only source
+    /// (`repo@sha256:<hex>`) uses `sha256-<hex>`, the convention cosign and others use for
+    /// digest-derived tags; a reference with neither uses `latest`.
+    pub fn target_for(&self, source: &Reference) -> Result<Reference, ReferenceError> {
+        match self {
+            TargetNaming::Exact(r) => {
+                let tag = r.tag().unwrap_or("latest");
+                r.repository_only().with_tag(tag)
+            }
+            TargetNaming::Suffix { suffix, repository } => {
+                let base = match (source.tag(), source.digest()) {
+                    (Some(t), _) => t.to_string(),
+                    (None, Some(d)) => format!("sha256-{}", d.hex()),
+                    (None, None) => "latest".to_string(),
+                };
+                let repo = match repository {
+                    Some(r) => format!("{}/{}", source.registry(), r).parse::<Reference>()?,
+                    None => source.repository_only(),
+                };
+                repo.with_tag(&format!("{base}{suffix}"))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEX: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    fn suffix(s: &str) -> TargetNaming {
+        TargetNaming::Suffix { suffix: s.into(), repository: None }
+    }
+
+    #[test]
+    fn suffix_naming() {
+        let src: Reference = "h.io/lib/nginx:1.25".parse().unwrap();
+        assert_eq!(suffix("-esgz").target_for(&src).unwrap().to_string(), "h.io/lib/nginx:1.25-esgz");
+        let src: Reference = format!("h.io/lib/nginx@sha256:{HEX}").parse().unwrap();
+        assert_eq!(suffix("-esgz").target_for(&src).unwrap().to_string(), format!("h.io/lib/nginx:sha256-{HEX}-esgz"));
+        let src: Reference = format!("h.io/lib/nginx:v1@sha256:{HEX}").parse().unwrap();
+        assert_eq!(suffix("-esgz").target_for(&src).unwrap().to_string(), "h.io/lib/nginx:v1-esgz");
+        let src: Reference = "h.io/lib/nginx".parse().unwrap();
+        assert_eq!(suffix("-esgz").target_for(&src).unwrap().to_string(), "h.io/lib/nginx:latest-esgz");
+    }
+
+    #[test]
+    fn other_repository_and_exact() {
+        let src: Reference = "h.io/lib/nginx:1".parse().unwrap();
+        let n = TargetNaming::Suffix { suffix: "".into(), repository: Some("accelerated/nginx".into()) };
+        assert_eq!(n.target_for(&src).unwrap().to_string(), "h.io/accelerated/nginx:1");
+        let n = TargetNaming::Exact("other.io/x/y".parse().unwrap());
+        assert_eq!(n.target_for(&src).unwrap().to_string(), "other.io/x/y:latest");
+    }
+
+    #[test]
+    fn overlong_tag_is_an_error() {
+        let src: Reference = format!("h.io/r@sha256:{HEX}").parse().unwrap();
+        let long = "-".to_string() + &"x".repeat(60);
+        assert!(suffix(&long).target_for(&src).is_err());
+    }
+}
