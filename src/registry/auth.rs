@@ -131,12 +131,12 @@ impl Access {
     }
 }
 
-/// Adds the scopes a challenge names to ours: some registries want more (or differently
-/// spelled) access than we would have asked for, and asking for it costs nothing.
+/// Adds the scopes a challenge names to ours when ours do not already cover them: some
+/// registries want more (or differently spelled) access than we would have asked for.
 pub fn merge_scopes(mut ours: Vec<String>, challenge_scope: Option<&str>) -> Vec<String> {
     if let Some(extra) = challenge_scope {
         for s in extra.split_whitespace() {
-            if !ours.iter().any(|o| same_scope(o, s)) {
+            if !ours.iter().any(|o| covers(o, s)) {
                 ours.push(s.to_string());
             }
         }
@@ -144,16 +144,10 @@ pub fn merge_scopes(mut ours: Vec<String>, challenge_scope: Option<&str>) -> Vec
     ours
 }
 
-fn same_scope(a: &str, b: &str) -> bool {
-    let split = |s: &str| -> Option<(String, Vec<String>)> {
-        let (resource, actions) = s.rsplit_once(':')?;
-        let mut acts: Vec<String> = actions.split(',').map(str::to_string).collect();
-        acts.sort();
-        acts.dedup();
-        Some((resource.to_string(), acts))
-    };
-    match (split(a), split(b)) {
-        (Some(x), Some(y)) => x == y,
+/// Whether scope `a` grants everything scope `b` asks for (same resource, superset of actions).
+fn covers(a: &str, b: &str) -> bool {
+    match (a.rsplit_once(':'), b.rsplit_once(':')) {
+        (Some((ra, aa)), Some((rb, ab))) => ra == rb && ab.split(',').all(|x| aa.split(',').any(|y| y == x)),
         _ => a == b,
     }
 }
@@ -288,6 +282,10 @@ mod tests {
         );
         let merged = merge_scopes(Access::Push.scopes("a"), Some("repository:a:push,pull repository:x:pull"));
         assert_eq!(merged, vec!["repository:a:pull,push", "repository:x:pull"]);
+        // A challenge for less than we ask for adds nothing.
+        assert_eq!(merge_scopes(Access::Push.scopes("a"), Some("repository:a:pull")).len(), 1);
+        let more = merge_scopes(Access::Pull.scopes("a"), Some("repository:a:pull,delete"));
+        assert_eq!(more, vec!["repository:a:pull", "repository:a:pull,delete"]);
         assert_eq!(merge_scopes(Access::Pull.scopes("a"), None).len(), 1);
     }
 

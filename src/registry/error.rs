@@ -111,8 +111,8 @@ pub enum RegistryError {
     },
 
     #[error(
-        "{op}: TLS with {url} failed: {}; if the registry uses a certificate from a private CA, \
-         add that CA to the system trust store, or set `insecure: true` under registries.\"{host}\"",
+        "{op}: TLS with {url} failed: {}; if the registry serves plain HTTP or a certificate from a \
+         private CA, add that CA to the system trust store or set `insecure: true` under registries.\"{host}\"",
         chain(source)
     )]
     Tls {
@@ -227,20 +227,25 @@ fn unauthorized_text(host: &str, repository: &str, access: &'static str, credent
     }
 }
 
-/// The error with its causes, because reqwest's own message (`error sending request`) hides the
-/// part a user can act on (`connection refused`, `certificate expired`).
+/// The causes of a transport error: reqwest's own message (`error sending request for url
+/// (…)`) repeats the URL and hides the part a user can act on (`connection refused`,
+/// `certificate expired`).
 fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
+    let mut parts: Vec<String> = Vec::new();
     let mut cur = e.source();
     while let Some(s) = cur {
         let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
+        // hyper-util's wrapper adds nothing but its own name.
+        if !text.starts_with("client error (") && !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
         }
         cur = s.source();
     }
-    out
+    if parts.is_empty() {
+        e.to_string()
+    } else {
+        parts.join(": ")
+    }
 }
 
 #[cfg(test)]

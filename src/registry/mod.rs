@@ -8,6 +8,7 @@ mod transport;
 
 use std::collections::HashMap;
 use std::fmt;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -75,6 +76,9 @@ pub struct ClientOptions {
     pub upload_commit_timeout: Duration,
     /// Manifests and indexes larger than this are refused.
     pub max_manifest_bytes: u64,
+    /// Addresses to use for host names instead of asking DNS (as curl's `--resolve`), for
+    /// registries reachable under a name DNS does not know. Ports come from the URL.
+    pub resolve: Vec<(String, IpAddr)>,
 }
 
 impl Default for ClientOptions {
@@ -84,6 +88,7 @@ impl Default for ClientOptions {
             idle_timeout: Duration::from_secs(120),
             upload_commit_timeout: Duration::from_secs(600),
             max_manifest_bytes: 4 << 20,
+            resolve: Vec::new(),
         }
     }
 }
@@ -124,13 +129,17 @@ impl RegistryClient {
     pub fn with_options(config: &Config, options: ClientOptions) -> Result<Self, RegistryError> {
         let credentials = CredentialStore::from_config(config)?;
         let builder = || {
-            reqwest::Client::builder()
+            let mut b = reqwest::Client::builder()
                 .user_agent(USER_AGENT)
                 .connect_timeout(options.connect_timeout)
                 .tcp_keepalive(Duration::from_secs(60))
                 // reqwest drops Authorization when a redirect leaves the host, which is what
                 // blob downloads redirected to object storage need.
-                .redirect(reqwest::redirect::Policy::limited(10))
+                .redirect(reqwest::redirect::Policy::limited(10));
+            for (name, ip) in &options.resolve {
+                b = b.resolve(name, SocketAddr::new(*ip, 0));
+            }
+            b
         };
         let http = builder().build().map_err(RegistryError::Client)?;
         let http_insecure = if credentials.any_insecure() {

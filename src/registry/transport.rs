@@ -108,6 +108,13 @@ fn has_io_kind(e: &(dyn std::error::Error + 'static), kind: io::ErrorKind) -> bo
             if io.kind() == kind {
                 return true;
             }
+            // An io::Error's source() skips the error it wraps, which may itself be an
+            // io::Error of the kind sought (hyper-util wraps rustls failures that way).
+            if let Some(inner) = io.get_ref() {
+                if has_io_kind(inner, kind) {
+                    return true;
+                }
+            }
         }
         cur = err.source();
     }
@@ -302,6 +309,14 @@ mod tests {
         let put = with_query_param(&u, "digest", d);
         assert_eq!(put.as_str(), format!("http://h/v2/r/blobs/uploads/u?_state=abc&digest=sha256%3A{}", &d[7..]));
         assert_eq!(redact_url(&put), "http://h/v2/r/blobs/uploads/u");
+    }
+
+    #[test]
+    fn nested_invalid_data_is_found() {
+        let inner = io::Error::new(io::ErrorKind::InvalidData, "bad certificate");
+        let outer = io::Error::other(inner);
+        assert!(has_io_kind(&outer, io::ErrorKind::InvalidData));
+        assert!(!has_io_kind(&io::Error::other("x"), io::ErrorKind::InvalidData));
     }
 
     #[tokio::test]
