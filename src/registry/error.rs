@@ -76,7 +76,7 @@ impl fmt::Display for ApiErrors {
 
 /// The registry refused us: wrong or missing credentials, or too little access.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{op}: {}", unauthorized_text(host, repository, access, credentials.as_deref(), errors))]
+#[error("{op}: {}", unauthorized_text(self))]
 pub struct AuthFailure {
     pub op: String,
     /// Registry host as written in references and config keys.
@@ -86,6 +86,9 @@ pub struct AuthFailure {
     pub access: &'static str,
     /// Where the credentials that were rejected came from; `None` when there were none.
     pub credentials: Option<String>,
+    /// The credentials were accepted but do not grant the access needed (the registry said
+    /// `insufficient_scope`).
+    pub insufficient_scope: bool,
     pub errors: ApiErrors,
 }
 
@@ -213,8 +216,13 @@ fn status_hint(status: StatusCode) -> &'static str {
     }
 }
 
-fn unauthorized_text(host: &str, repository: &str, access: &'static str, credentials: Option<&str>, errors: &ApiErrors) -> String {
-    match credentials {
+fn unauthorized_text(f: &AuthFailure) -> String {
+    let AuthFailure { host, repository, access, errors, .. } = f;
+    match &f.credentials {
+        Some(origin) if f.insufficient_scope => format!(
+            "registry {host} accepted the credentials from {origin} but they do not grant {access} access to repository \
+             {repository}{errors}; give the account (or robot account) {access} permission on {repository}"
+        ),
         Some(origin) => format!(
             "registry {host} rejected the credentials from {origin} for {access} access to repository {repository}{errors}; \
              check the user name and password (or robot secret) and that the account may {access} {repository}"
@@ -278,6 +286,7 @@ mod tests {
             repository: "r".into(),
             access: "pull",
             credentials: None,
+            insufficient_scope: false,
             errors: ApiErrors::default(),
         }));
         assert!(!unauthorized.is_retryable());
@@ -304,17 +313,24 @@ mod tests {
             repository: "p/app".into(),
             access: "pull,push",
             credentials: Some("registries.\"harbor.example.com\" in the config".into()),
+            insufficient_scope: false,
             errors: ApiErrors::default(),
         }));
         let text = e.to_string();
         assert!(text.contains("rejected the credentials"), "{text}");
         assert!(text.contains("harbor.example.com") && text.contains("p/app"), "{text}");
+        if let RegistryError::Unauthorized(mut f) = e {
+            f.insufficient_scope = true;
+            let text = f.to_string();
+            assert!(text.contains("do not grant pull,push access"), "{text}");
+        }
         let e = RegistryError::Unauthorized(Box::new(AuthFailure {
             op: "pull manifest".into(),
             host: "h:5000".into(),
             repository: "r".into(),
             access: "pull",
             credentials: None,
+            insufficient_scope: false,
             errors: ApiErrors::default(),
         }));
         assert!(e.to_string().contains("registries.\"h:5000\".auth"), "{e}");

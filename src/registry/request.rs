@@ -156,7 +156,14 @@ impl RegistryClient {
             let learned = HostAuth::from_challenges(&challenges);
             let (host_auth, challenge_scope) = match learned {
                 Some(l) if !retried => l,
-                _ => return Err(self.unauthorized(t, op, credentials.as_ref(), errors)),
+                _ => {
+                    let mut failure = self.unauthorized(t, op, credentials.as_ref(), errors);
+                    if let RegistryError::Unauthorized(f) = &mut failure {
+                        f.insufficient_scope = f.credentials.is_some()
+                            && challenges.iter().any(|c| c.param("error") == Some("insufficient_scope"));
+                    }
+                    return Err(failure);
+                }
             };
             if host_auth == HostAuth::Basic && credentials.is_none() {
                 return Err(self.unauthorized(t, op, None, errors));
@@ -268,6 +275,7 @@ impl RegistryClient {
             repository: t.repository.to_string(),
             access: t.access.actions(),
             credentials: credentials.map(|c| c.origin.clone()),
+            insufficient_scope: false,
             errors,
         }))
     }

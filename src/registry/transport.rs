@@ -245,6 +245,11 @@ impl Stream for UploadBody {
                     let op = self.op.clone();
                     return self.failed(RegistryError::UploadBody { op, why });
                 }
+                // hyper stops polling once Content-Length bytes are out, so the end of the
+                // stream may never be seen: the last byte is the end.
+                if self.sent == self.expected {
+                    self.progress.done.store(true, Ordering::Release);
+                }
                 Poll::Ready(Some(Ok(chunk)))
             }
             Poll::Ready(Some(Err(e))) => {
