@@ -455,6 +455,36 @@ async fn bearer_token_wrong_or_missing_credentials_are_explained() {
     assert!(requests.iter().any(|r| r.user.is_none() && r.issued), "{requests:?}");
 }
 
+#[tokio::test]
+async fn bearer_token_without_permission_is_explained_and_mount_falls_back() {
+    let server = token_server();
+    let tokens = server.token.as_ref().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let client = client_with_password(dir.path(), &server.host(), TOKEN_USER, TOKEN_PASSWORD);
+    let secret = reference(&format!("{}/accel/secret", server.host()));
+    let target = reference(&format!("{}/accel/target", server.host()));
+    let layer = file_blob(dir.path(), "layer", &pseudo_random(700_000, 13));
+    client.push_blob(&secret, &layer.digest, layer.size, None, open(&layer).await).await.unwrap();
+
+    // No pull on the mount source: the mount is refused and the blob is uploaded instead.
+    tokens.deny("accel/secret", "pull");
+    let fresh = client_with_password(dir.path(), &server.host(), TOKEN_USER, TOKEN_PASSWORD);
+    let outcome = fresh.push_blob(&target, &layer.digest, layer.size, Some(&secret), open(&layer).await).await.unwrap();
+    assert_eq!(outcome, PushOutcome::Uploaded);
+    assert!(tokens.requests().iter().any(|r| r.scopes.contains(&"repository:accel/secret:pull".to_string())));
+
+    // Pull but no push: checking works, pushing is refused with what permission is missing.
+    tokens.deny("*", "push");
+    let read_only = client_with_password(dir.path(), &server.host(), TOKEN_USER, TOKEN_PASSWORD);
+    let repo = reference(&format!("{}/accel/app", server.host()));
+    let data = pseudo_random(1000, 14);
+    let err = read_only.push_blob(&repo, &Digest::of(&data), 1000, None, bytes_body(&data)).await.unwrap_err();
+    let failure = unauthorized(&err);
+    assert!(failure.insufficient_scope && failure.credentials.is_some(), "{failure:?}");
+    assert!(err.to_string().contains("do not grant pull,push access to repository accel/app"), "{err}");
+    assert!(!err.is_retryable());
+}
+
 // ---------------------------------------------------------------------------------------------
 // Fake servers
 
@@ -500,6 +530,12 @@ struct FakeServer {
 
 impl FakeServer {
     fn start(handler: impl Fn(&SeenRequest, usize) -> Reply + Send + Sync + 'static) -> FakeServer {
+        FakeServer::start_with(true, handler)
+    }
+
+    /// With `read_bodies` false the handler runs as soon as the head is in, and the request
+    /// body stays unread (to make a client's upload stall).
+    fn start_with(read_bodies: bool, handler: impl Fn(&SeenRequest, usize) -> Reply + Send + Sync + 'static) -> FakeServer {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -515,7 +551,7 @@ impl FakeServer {
                     }
                     let Ok(conn) = conn else { continue };
                     let (seen, handler, counter) = (seen.clone(), handler.clone(), counter.clone());
-                    std::thread::spawn(move || serve_fake(conn, &seen, &*handler, &counter));
+                    std::thread::spawn(move || serve_fake(conn, &seen, &*handler, &counter, read_bodies));
                 }
             });
         }
@@ -538,7 +574,7 @@ impl Drop for FakeServer {
     }
 }
 
-fn serve_fake(mut conn: TcpStream, seen: &Mutex<Vec<SeenRequest>>, handler: &Handler, counter: &AtomicUsize) {
+fn serve_fake(mut conn: TcpStream, seen: &Mutex<Vec<SeenRequest>>, handler: &Handler, counter: &AtomicUsize, read_bodies: bool) {
     conn.set_read_timeout(Some(Duration::from_secs(10))).ok();
     let mut buf = Vec::new();
     let mut chunk = [0u8; 64 * 1024];
@@ -564,7 +600,7 @@ fn serve_fake(mut conn: TcpStream, seen: &Mutex<Vec<SeenRequest>>, handler: &Han
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or(0);
     let mut body = buf[head_end..].to_vec();
-    while body.len() < length {
+    while read_bodies && body.len() < length {
         match conn.read(&mut chunk) {
             Ok(0) | Err(_) => break,
             Ok(n) => body.extend_from_slice(&chunk[..n]),
@@ -638,6 +674,21 @@ async fn dropped_connection_and_stalled_server_are_retryable() {
     let err = client.get_manifest(&reference(&format!("{}/a:v1", stalling.host()))).await.unwrap_err();
     assert!(matches!(err, RegistryError::Timeout { .. }), "{err:?}");
     assert!(err.is_retryable());
+
+    // A body cut short by a closed connection.
+    let cut = FakeServer::start(|_, _| respond(200, &[("Content-Length", "100000")], b"only a little"));
+    let repo = reference(&format!("{}/a", cut.host()));
+    let mut blob = client.get_blob(&repo, &Digest::of(b"x")).await.unwrap();
+    assert_eq!(blob.size, Some(100_000));
+    let mut failure = None;
+    while let Some(chunk) = blob.stream.next().await {
+        if let Err(e) = chunk {
+            failure = Some(e);
+            break;
+        }
+    }
+    let failure = failure.expect("a truncated body must end in an error");
+    assert!(failure.is_retryable(), "{failure:?}");
 
     // Nothing listening at all.
     let port = common::registry::free_port();
@@ -824,4 +875,46 @@ async fn insecure_host_without_tls_is_reached_over_plain_http() {
     let manifest = push_image(&relaxed, &repo, "v1", &layer).await;
     let got = relaxed.get_manifest(&repo.with_tag("v1").unwrap()).await.unwrap();
     assert_eq!(got.bytes.as_ref(), manifest.as_slice());
+}
+
+/// A fake registry that opens uploads and then misbehaves on the PUT.
+fn stalling_upload_registry(read_bodies: bool) -> FakeServer {
+    FakeServer::start_with(read_bodies, |req, _| match req.method.as_str() {
+        "HEAD" => respond(404, &[], b""),
+        "POST" => respond(202, &[("Location", "/v2/a/blobs/uploads/u1?_state=s")], b""),
+        _ => Reply::Stall(Duration::from_secs(5)),
+    })
+}
+
+#[tokio::test]
+async fn stalled_uploads_time_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let size: u64 = 64 << 20;
+    let body = || -> Box<dyn AsyncRead + Send + Unpin> { Box::new(tokio::io::AsyncReadExt::take(tokio::io::repeat(7), size)) };
+
+    // The registry stops reading mid-upload: the body stops moving.
+    let fake = stalling_upload_registry(false);
+    let options = ClientOptions { idle_timeout: Duration::from_millis(600), ..Default::default() };
+    let client = RegistryClient::with_options(&config_in(dir.path(), vec![]), options).unwrap();
+    let repo = reference(&format!("{}/a", fake.host()));
+    let started = std::time::Instant::now();
+    let err = client.push_blob(&repo, &Digest::of(b"x"), size, None, body()).await.unwrap_err();
+    assert!(matches!(err, RegistryError::Timeout { after, .. } if after == Duration::from_millis(600)), "{err:?}");
+    assert!(err.is_retryable());
+    assert!(started.elapsed() < Duration::from_secs(4), "took {:?}", started.elapsed());
+
+    // The registry takes the whole body, then never answers.
+    let fake = stalling_upload_registry(true);
+    let options = ClientOptions {
+        idle_timeout: Duration::from_secs(3),
+        upload_commit_timeout: Duration::from_millis(700),
+        ..Default::default()
+    };
+    let client = RegistryClient::with_options(&config_in(dir.path(), vec![]), options).unwrap();
+    let repo = reference(&format!("{}/a", fake.host()));
+    let err = client.push_blob(&repo, &Digest::of(b"x"), 1 << 20, None, Box::new(tokio::io::AsyncReadExt::take(tokio::io::repeat(7), 1 << 20))).await.unwrap_err();
+    assert!(matches!(err, RegistryError::Timeout { after, .. } if after == Duration::from_millis(700)), "{err:?}");
+    let put = fake.seen().into_iter().find(|r| r.method == "PUT").unwrap();
+    assert_eq!(put.body.len(), 1 << 20);
+    assert!(put.target.starts_with("/v2/a/blobs/uploads/u1?_state=s&digest="), "{}", put.target);
 }

@@ -156,6 +156,8 @@ struct TokenState {
     expires_in: AtomicU64,
     requests: Mutex<Vec<TokenRequest>>,
     serial: AtomicU64,
+    /// `(repository or "*", action)` pairs withheld from the user.
+    denied: Mutex<Vec<(String, String)>>,
 }
 
 /// A minimal token server (the distribution token spec) on a loopback port. It signs RS256 JWTs
@@ -210,6 +212,7 @@ impl TokenServer {
             expires_in: AtomicU64::new(300),
             requests: Mutex::new(Vec::new()),
             serial: AtomicU64::new(0),
+            denied: Mutex::new(Vec::new()),
         });
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -243,6 +246,12 @@ impl TokenServer {
     /// `expires_in` announced with the next tokens (the JWTs themselves stay valid 5 minutes).
     pub fn set_expires_in(&self, secs: u64) {
         self.state.expires_in.store(secs, Ordering::SeqCst);
+    }
+
+    /// Stops granting `action` on `repository` (`"*"`: every repository) to the user, as a
+    /// registry does for an account without that permission.
+    pub fn deny(&self, repository: &str, action: &str) {
+        self.state.denied.lock().unwrap().push((repository.to_string(), action.to_string()));
     }
 }
 
@@ -299,12 +308,17 @@ fn serve_token(mut conn: TcpStream, state: &TokenState) {
         }
     };
     let access: Vec<serde_json::Value> = if authorized {
+        let denied = state.denied.lock().unwrap().clone();
         scopes
             .iter()
             .filter_map(|s| {
                 let (resource, actions) = s.rsplit_once(':')?;
                 let (kind, name) = resource.split_once(':')?;
-                Some(serde_json::json!({"type": kind, "name": name, "actions": actions.split(',').collect::<Vec<_>>()}))
+                let granted: Vec<&str> = actions
+                    .split(',')
+                    .filter(|a| !denied.iter().any(|(r, d)| (r == "*" || r == name) && d == a))
+                    .collect();
+                Some(serde_json::json!({"type": kind, "name": name, "actions": granted}))
             })
             .collect()
     } else {
