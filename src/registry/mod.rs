@@ -265,11 +265,11 @@ impl RegistryClient {
         if let Some(m) = mount {
             let access = Access::Mount { from: m.repository().to_string() };
             match self.start_upload(repo, digest, Some(m), access.clone(), &op).await {
-                Ok(None) => {
+                Ok(UploadStart::Mounted) => {
                     tracing::debug!(repository = %repo.name(), %digest, from = %m.name(), "blob mounted");
                     return Ok(PushOutcome::Mounted);
                 }
-                Ok(Some(url)) => opened = Some((url, access)),
+                Ok(UploadStart::Upload(url)) => opened = Some((url, access)),
                 // No pull access to the source: a plain upload still works, as docker does it.
                 Err(e) if matches!(e.status(), Some(StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)) => {
                     tracing::debug!(repository = %repo.name(), %digest, from = %m.name(), error = %e, "mount refused; uploading");
@@ -280,8 +280,8 @@ impl RegistryClient {
         let (upload_url, access) = match opened {
             Some(o) => o,
             None => match self.start_upload(repo, digest, None, Access::Push, &op).await? {
-                Some(url) => (url, Access::Push),
-                None => return Ok(PushOutcome::Mounted),
+                UploadStart::Upload(url) => (url, Access::Push),
+                UploadStart::Mounted => return Ok(PushOutcome::Mounted),
             },
         };
         let target = request::Target::new(repo, access);
@@ -299,7 +299,7 @@ impl RegistryClient {
     }
 
     /// Opens an upload session (`POST …/blobs/uploads/`), asking for a mount from `mount` when
-    /// given. `None`: the registry mounted the blob; else the URL to send the blob to.
+    /// given.
     async fn start_upload(
         &self,
         repo: &Reference,
@@ -307,7 +307,7 @@ impl RegistryClient {
         mount: Option<&Reference>,
         access: Access,
         op: &str,
-    ) -> Result<Option<url::Url>, RegistryError> {
+    ) -> Result<UploadStart, RegistryError> {
         let target = request::Target::new(repo, access);
         let base = self.base_url(&target, op).await?;
         let mut url = request::api_url(&base, &format!("{}/blobs/uploads/", repo.repository()))?;
@@ -318,7 +318,7 @@ impl RegistryClient {
         let response =
             self.send(&target, op, Method::POST, &url, |rb| rb.header(CONTENT_LENGTH, "0").body(Vec::<u8>::new())).await?;
         if mount.is_some() && response.status() == StatusCode::CREATED {
-            return Ok(None);
+            return Ok(UploadStart::Mounted);
         }
         // A 202 to a mount request means the registry could not mount and opened an upload.
         let response = self.expect_status(response, &[StatusCode::ACCEPTED], op, &url).await?;
@@ -330,7 +330,7 @@ impl RegistryClient {
             }
         })?;
         resolve_location(response.url(), location)
-            .map(Some)
+            .map(UploadStart::Upload)
             .map_err(|why| RegistryError::InvalidResponse { op: op.to_string(), url: redact_url(&url), why })
     }
 
@@ -365,6 +365,14 @@ impl RegistryClient {
         tracing::debug!(reference = %reference, %digest, %media_type, "pushed manifest");
         Ok(digest)
     }
+}
+
+/// What the registry did with a request to open an upload.
+enum UploadStart {
+    /// It mounted the blob from the requested source; nothing to send.
+    Mounted,
+    /// Send the blob to this URL.
+    Upload(url::Url),
 }
 
 /// The `mediaType` field of a manifest or index body, when it has one.
