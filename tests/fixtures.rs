@@ -116,7 +116,7 @@ fn debian_multiplatform_index_with_attestations() {
         assert_eq!(entry["annotations"][ATTESTATION_REFERENCE_TYPE], "attestation-manifest");
         let subject = entry["annotations"][ATTESTATION_REFERENCE_DIGEST].as_str().unwrap();
         assert!(entries[..2].iter().any(|m| m["digest"] == subject), "attestation refers to no image: {subject}");
-        let manifest = inspect_raw(&format!("{}@{}", pushed.reference.rsplit_once(':').unwrap().0, attestation.manifest.digest));
+        let manifest = inspect_raw(&pushed.manifest_reference(&attestation.manifest.digest));
         assert_eq!(layer_types(&manifest), ["application/vnd.in-toto+json"]);
     }
 }
@@ -181,7 +181,8 @@ fn handmade_layers_are_deterministic() {
 fn push_with_basic_auth() {
     let auth = RegistryAuth::Basic { user: "fixture".into(), password: "s3cret".into() };
     let registry = RegistryServer::start(auth.clone());
-    let image = ImageBuilder::new(Platform::linux_arm64()).layer(handmade_layers().remove(1).tar, Compression::Gzip).build();
+    let image =
+        ImageBuilder::new(Platform::linux_arm64()).layer(handmade_layers().remove(1).tar, Compression::Gzip).build();
     let pushed = image.push_with_auth(&registry.host(), "private/image:v1", &auth);
     let manifest = inspect_raw_with_auth(&pushed.reference, &auth);
     assert_eq!(layer_digests(&manifest), [pushed.layers()[0].digest()]);
@@ -210,7 +211,8 @@ fn docker_manifest_list() {
 #[test]
 #[should_panic(expected = "layercheck estargz")]
 fn layercheck_rejects_a_plain_layer_as_estargz() {
-    let image = ImageBuilder::new(Platform::linux_amd64()).layer(handmade_layers().remove(2).tar, Compression::Gzip).build();
+    let image =
+        ImageBuilder::new(Platform::linux_amd64()).layer(handmade_layers().remove(2).tar, Compression::Gzip).build();
     let layer = &image.layers[0];
     check_estargz(&layer.tar, &layer.blob, layer.digest());
 }

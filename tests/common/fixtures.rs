@@ -16,8 +16,8 @@ mod skopeo;
 
 pub use handmade::{handmade_image, handmade_layers, HandmadeLayer, CHUNK_SIZE};
 pub use image::{
-    Attestation, Compression, Descriptor, Flavour, Image, ImageBuilder, Index, IndexBuilder, Layer,
-    LayerTar, Platform, PushedImage, PushedIndex, ATTESTATION_REFERENCE_DIGEST, ATTESTATION_REFERENCE_TYPE,
+    Attestation, Compression, Descriptor, Flavour, Image, ImageBuilder, Index, IndexBuilder, Layer, LayerTar, Platform,
+    PushedImage, PushedIndex, ATTESTATION_REFERENCE_DIGEST, ATTESTATION_REFERENCE_TYPE,
 };
 pub use layercheck::{
     check_estargz, check_zstd_chunked, layercheck_binary, layercheck_diff, layercheck_tar, ListingEntry,
