@@ -1,4 +1,5 @@
 //! Shared test harness: real servers on loopback and real-content image fixtures.
 #![allow(dead_code)]
 
+pub mod fixtures;
 pub mod registry;
