@@ -208,9 +208,10 @@ impl Converter {
         self.progress.add_steps(manifest.layers.len() as u64);
         futures::stream::iter(blobs.iter().enumerate())
             .map(|(i, d)| async move {
-                self.pull_blob(source, d, lease).await?;
+                let pulled = self.pull_blob(source, d, lease).await?;
                 if i > 0 {
-                    self.progress.step_done(&format!("pulled layer {} ({})", d.digest, human(d.size)));
+                    let how = if pulled { "pulled layer" } else { "layer already in the store:" };
+                    self.progress.step_done(&format!("{how} {} ({})", d.digest, human(d.size)));
                 }
                 Ok::<_, ConvertError>(())
             })
@@ -233,10 +234,11 @@ impl Converter {
         Ok(SourceImage { reference, digest, entry, manifest, manifest_size: bytes.len() as u64, config })
     }
 
-    async fn pull_blob(&self, source: &Reference, d: &Descriptor, lease: &Lease) -> Result<(), ConvertError> {
+    /// Makes a blob of the source present in the store; false when it already was.
+    async fn pull_blob(&self, source: &Reference, d: &Descriptor, lease: &Lease) -> Result<bool, ConvertError> {
         lease.add(&d.digest);
         if self.store.has(&d.digest).await?.is_some() {
-            return Ok(());
+            return Ok(false);
         }
         let action = format!("pull blob {} of {}", d.digest, source.name());
         let mut attempt = 0;
@@ -262,7 +264,7 @@ impl Converter {
                     tracing::warn!(digest = %d.digest, attempt, "retrying after: {e}");
                     tokio::time::sleep(backoff(attempt)).await;
                 }
-                other => return other,
+                other => return other.map(|()| true),
             }
         }
     }

@@ -1,0 +1,298 @@
+//! `accelctl convert` end to end: real-content images in a real registry are converted to
+//! eStargz, and every converted layer is read back with the reference eStargz reader.
+
+mod common;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::fixtures::*;
+use common::registry::{RegistryAuth, RegistryServer};
+use serde_json::Value;
+use sha2::{Digest as _, Sha256};
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+const OCI_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+const TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
+const UNCOMPRESSED_SIZE: &str = "io.containers.estargz.uncompressed-size";
+
+/// A scratch directory with a config file naming a private store and the given registries.
+struct Workspace {
+    dir: tempfile::TempDir,
+}
+
+impl Workspace {
+    fn new(registries_yaml: &str) -> Workspace {
+        let dir = tempfile::tempdir().unwrap();
+        let config = format!("store: {{ kind: embedded, path: {} }}\n{registries_yaml}", dir.path().join("store").display());
+        std::fs::write(dir.path().join("pipelines.yaml"), config).unwrap();
+        Workspace { dir }
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("pipelines.yaml")
+    }
+
+    /// Runs `accelctl convert --config <ws> ARGS...` with a clean environment for credentials.
+    fn convert(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_accelctl"))
+            .arg("convert")
+            .arg("--config")
+            .arg(self.config())
+            .args(args)
+            .env("DOCKER_CONFIG", self.dir.path().join("docker"))
+            .env("RUST_LOG", "info")
+            .output()
+            .unwrap()
+    }
+
+    /// Like `convert` with `--output json`; asserts success and returns the result object.
+    fn convert_json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["--output", "json"];
+        all.extend_from_slice(args);
+        let out = self.convert(&all);
+        assert!(
+            out.status.success(),
+            "accelctl convert {args:?} failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    }
+}
+
+fn sha256_file(path: &Path) -> String {
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).unwrap();
+    format!("sha256:{}", hex::encode(h.finalize()))
+}
+
+fn hex_of(digest: &str) -> &str {
+    digest.strip_prefix("sha256:").unwrap()
+}
+
+/// Digest and size of the decompressed blob (all gzip members).
+fn gunzip_digest(path: &Path) -> (String, u64) {
+    let mut r = flate2::read::MultiGzDecoder::new(std::fs::File::open(path).unwrap());
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = r.read(&mut buf).unwrap();
+        if k == 0 {
+            break;
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+    (format!("sha256:{}", hex::encode(h.finalize())), n)
+}
+
+/// Checks one converted image in the registry against the fixture it came from: media types,
+/// annotations, config (`diff_ids` rewritten, everything else kept) and, with the reference
+/// reader, every layer's TOC, chunks and file listing.
+fn verify_estargz_image(server: &RegistryServer, target: &str, manifest: &Value, source: &Image) {
+    assert_eq!(manifest["mediaType"], OCI_MANIFEST, "{target}");
+    assert_eq!(manifest["config"]["mediaType"], OCI_CONFIG, "{target}");
+    assert_eq!(manifest["annotations"]["io.accel.source.digest"], source.manifest.digest.as_str(), "{target}");
+    assert!(manifest["annotations"]["io.accel.driver"].as_str().unwrap().starts_with("estargz/"), "{target}");
+    let layers = manifest["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), source.layers.len(), "{target}");
+
+    let config_path = server.blob_data_path(hex_of(manifest["config"]["digest"].as_str().unwrap()));
+    let config: Value = serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+    let source_config = source.config_json();
+    for key in ["architecture", "os", "history", "config"] {
+        assert_eq!(config[key], source_config[key], "{target}: config field {key} changed");
+    }
+    let diff_ids = config["rootfs"]["diff_ids"].as_array().unwrap();
+    assert_eq!(diff_ids.len(), layers.len());
+
+    for (i, (layer, src)) in layers.iter().zip(&source.layers).enumerate() {
+        assert_eq!(layer["mediaType"], OCI_GZIP, "{target} layer {i}");
+        let digest = layer["digest"].as_str().unwrap();
+        let blob = server.blob_data_path(hex_of(digest));
+        assert_eq!(sha256_file(&blob), digest, "{target} layer {i}: blob does not match its digest");
+        assert_eq!(std::fs::metadata(&blob).unwrap().len(), layer["size"].as_u64().unwrap());
+        let toc = layer["annotations"][TOC_DIGEST].as_str().unwrap_or_else(|| panic!("{target} layer {i} has no TOC digest"));
+        check_estargz(&src.blob, &blob, toc);
+        let (uncompressed, size) = gunzip_digest(&blob);
+        assert_eq!(diff_ids[i], uncompressed.as_str(), "{target} layer {i}: diff_id is not the digest of the decompressed layer");
+        assert_eq!(layer["annotations"][UNCOMPRESSED_SIZE], size.to_string(), "{target} layer {i}");
+    }
+}
+
+fn target_manifest(server: &RegistryServer, result: &Value, i: usize) -> (String, Value) {
+    let t = &result["targets"][i];
+    let reference = t["reference"].as_str().unwrap().to_string();
+    let by_tag = inspect_raw(&reference);
+    let digest = t["digest"].as_str().unwrap();
+    let path = server.blob_data_path(hex_of(digest));
+    assert_eq!(sha256_file(&path), digest, "the reported digest is not what the registry holds");
+    (reference, by_tag)
+}
+
+#[test]
+fn debian_image_converts_to_estargz() {
+    let server = RegistryServer::start(RegistryAuth::None);
+    let pushed = debian_image("amd64").build().push(&server.host(), "library/debian:bookworm");
+    let ws = Workspace::new("");
+    let result = ws.convert_json(&[&pushed.reference]);
+
+    assert_eq!(result["source"], pushed.reference.as_str());
+    assert_eq!(result["source_digest"], pushed.digest.as_str());
+    let targets = result["targets"].as_array().unwrap();
+    assert_eq!(targets.len(), 1);
+    assert_eq!(targets[0]["driver"], "estargz");
+    assert_eq!(targets[0]["reference"], format!("{}-esgz", pushed.reference));
+    let (reference, manifest) = target_manifest(&server, &result, 0);
+    verify_estargz_image(&server, &reference, &manifest, &pushed.image);
+    assert!(targets[0]["size"].as_u64().unwrap() > 10 << 20);
+}
+
+#[test]
+fn output_is_deterministic_and_a_rerun_reuses_the_store() {
+    let server = RegistryServer::start(RegistryAuth::None);
+    let pushed = handmade_image().build().push(&server.host(), "hand/made:v1");
+    let first = Workspace::new("").convert_json(&["--tag-suffix", "-one", &pushed.reference]);
+    let ws = Workspace::new("");
+    let second = ws.convert_json(&["--tag-suffix", "-two", &pushed.reference]);
+    assert_eq!(first["targets"][0]["digest"], second["targets"][0]["digest"], "same input and options must give the same image");
+    // Converting again from a warm store gives the same result without pulling.
+    let out = ws.convert(&["--tag-suffix", "-two", &pushed.reference]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("pulled layer"), "a warm store should not pull again");
+}
+
+#[test]
+fn handmade_layers_by_digest_with_options() {
+    let server = RegistryServer::start(RegistryAuth::None);
+    let pushed = handmade_image().build().push(&server.host(), "hand/made:v1");
+    let ws = Workspace::new("");
+    // A digest-only source (as Harbor proxy-cache projects send) and small chunks, so large
+    // files are split into many chunks.
+    let result = ws.convert_json(&[
+        "--option",
+        "chunk_size_bytes=1MiB",
+        "--option",
+        "compression_level=6",
+        &pushed.by_digest(),
+    ]);
+    let expected = format!("{}/hand/made:sha256-{}-esgz", server.host(), hex_of(&pushed.digest));
+    assert_eq!(result["targets"][0]["reference"], expected.as_str());
+    let (reference, manifest) = target_manifest(&server, &result, 0);
+    verify_estargz_image(&server, &reference, &manifest, &pushed.image);
+}
+
+#[test]
+fn prioritized_files_come_first() {
+    let server = RegistryServer::start(RegistryAuth::None);
+    let pushed = debian_image("amd64").build().push(&server.host(), "library/debian:prio");
+    let ws = Workspace::new("");
+    let result = ws.convert_json(&["--option", "prioritized_files=bin/bash,etc/passwd", &pushed.reference]);
+    let (reference, manifest) = target_manifest(&server, &result, 0);
+    verify_estargz_image(&server, &reference, &manifest, &pushed.image);
+    let blob = server.blob_data_path(hex_of(manifest["layers"][0]["digest"].as_str().unwrap()));
+    let mut names = Vec::new();
+    let mut archive = tar::Archive::new(flate2::read::MultiGzDecoder::new(std::fs::File::open(blob).unwrap()));
+    for entry in archive.entries().unwrap().take(3) {
+        names.push(entry.unwrap().path().unwrap().to_string_lossy().into_owned());
+    }
+    let names: Vec<&str> = names.iter().map(|n| n.trim_start_matches("./")).collect();
+    assert_eq!(names, ["bin/bash", "etc/passwd", ".prefetch.landmark"]);
+}
+
+#[test]
+fn multi_platform_index_with_attestations() {
+    let server = RegistryServer::start(RegistryAuth::None);
+    let pushed = debian_index().with_attestations().build().push(&server.host(), "library/debian:multi");
+    let ws = Workspace::new("");
+    let result = ws.convert_json(&[&pushed.reference]);
+    let (reference, index) = target_manifest(&server, &result, 0);
+    assert_eq!(index["mediaType"], OCI_INDEX);
+    assert_eq!(index["annotations"]["io.accel.source.digest"], pushed.digest.as_str());
+    let entries = index["manifests"].as_array().unwrap();
+    // Attestations describe the source manifests, so they are left out of the converted index.
+    let archs: Vec<&str> = entries.iter().map(|e| e["platform"]["architecture"].as_str().unwrap()).collect();
+    assert_eq!(archs, ["amd64", "arm64"], "{reference}");
+    assert_eq!(result["targets"][0]["platforms"], serde_json::json!(["linux/amd64", "linux/arm64/v8"]));
+    for (entry, source) in entries.iter().zip(&pushed.index.images) {
+        assert_eq!(entry["mediaType"], OCI_MANIFEST);
+        let child = inspect_raw(&format!("{}@{}", reference.rsplit_once(':').unwrap().0, entry["digest"].as_str().unwrap()));
+        verify_estargz_image(&server, &reference, &child, source);
+    }
+
+    // Only one platform, named by flag.
+    let result = ws.convert_json(&["--platform", "linux/arm64", "--tag-suffix", "-arm", &pushed.reference]);
+    let (_, index) = target_manifest(&server, &result, 0);
+    let entries = index["manifests"].as_array().unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0]["platform"]["architecture"], "arm64");
+
+    let out = ws.convert(&["--platform", "linux/s390x", &pushed.reference]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("linux/s390x") && err.contains("linux/amd64"), "{err}");
+}
+
+#[test]
+fn docker_schema2_image_with_basic_auth() {
+    let auth = RegistryAuth::Basic { user: "robot$ci".into(), password: "pa:ss:word".into() };
+    let server = RegistryServer::start(auth.clone());
+    let pushed = debian_image("amd64").flavour(Flavour::Docker).build().push_with_auth(&server.host(), "library/debian:docker", &auth);
+    let b64 = base64_encode("robot$ci:pa:ss:word");
+    let ws = Workspace::new(&format!("registries:\n  '{}': {{ auth: '{b64}' }}\n", server.host()));
+    let result = ws.convert_json(&[&pushed.reference]);
+    let manifest: Value = serde_json::from_slice(&std::fs::read(server.blob_data_path(hex_of(result["targets"][0]["digest"].as_str().unwrap()))).unwrap()).unwrap();
+    // Docker media types in, OCI media types out.
+    verify_estargz_image(&server, &pushed.reference, &manifest, &pushed.image);
+
+    let ws = Workspace::new(&format!("registries:\n  '{}': {{ username: 'robot$ci', password: wrong }}\n", server.host()));
+    let out = ws.convert(&[&pushed.reference]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("credentials") && err.contains(&server.host()), "{err}");
+}
+
+#[test]
+fn bearer_token_registry() {
+    let auth = RegistryAuth::Token { user: "ci".into(), password: "s3cret".into() };
+    let server = RegistryServer::start(auth.clone());
+    let pushed = handmade_image().build().push_with_auth(&server.host(), "team/app:1", &auth);
+    let ws = Workspace::new(&format!("registries:\n  '{}': {{ username: ci, password: s3cret }}\n", server.host()));
+    let result = ws.convert_json(&[&pushed.reference]);
+    let digest = result["targets"][0]["digest"].as_str().unwrap();
+    let manifest: Value = serde_json::from_slice(&std::fs::read(server.blob_data_path(hex_of(digest))).unwrap()).unwrap();
+    verify_estargz_image(&server, &pushed.reference, &manifest, &pushed.image);
+    assert!(!server.token.as_ref().unwrap().requests().is_empty(), "no token was requested");
+}
+
+#[test]
+fn clear_errors_for_bad_input() {
+    let server = RegistryServer::start(RegistryAuth::None);
+    let ws = Workspace::new("");
+    let missing = format!("{}/no/such:image", server.host());
+    let cases: [(&[&str], &str); 5] = [
+        (&[&missing], "no/such"),
+        (&["--option", "compression_level=12", &missing], "compression_level"),
+        (&["--option", "nonsense", &missing], "KEY=VALUE"),
+        (&["--platform", "linux", &missing], "os/architecture"),
+        (&["Not A Reference"], "reference"),
+    ];
+    for (args, needle) in cases {
+        let out = ws.convert(args);
+        assert!(!out.status.success(), "{args:?} should fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: error should mention {needle:?}:\n{err}");
+        assert!(out.stdout.is_empty(), "{args:?}: nothing on stdout on failure");
+    }
+}
+
+fn base64_encode(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
