@@ -10,6 +10,8 @@ mod order;
 mod toc;
 mod writer;
 
+#[cfg(test)]
+mod tests;
 
 use std::io::{self, BufWriter, Read, Write};
 
