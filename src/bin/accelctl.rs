@@ -47,7 +47,7 @@ struct ConvertArgs {
     #[arg(long = "option", short = 'o', value_name = "KEY=VALUE")]
     options: Vec<String>,
     /// Tag suffix of the target (default per driver: -esgz for estargz).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     tag_suffix: Option<String>,
     /// Exact target reference (one driver only).
     #[arg(long)]

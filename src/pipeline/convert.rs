@@ -341,12 +341,12 @@ impl Converter {
         let output = SyncIoBridge::new(writer);
         let joined = tokio::task::spawn_blocking(move || -> Result<_, DriverError> {
             let buffered = BufReader::with_capacity(1 << 20, input);
-            let decompressed = compression::decompress(&media_type, buffered)?;
+            let decompressed = compression::decompressed(buffered, Some(&media_type))?;
             let mut hashing = HashingReader { inner: decompressed, hasher: Hasher::new() };
             let mut out = BufWriter::with_capacity(1 << 20, output);
             let produced = driver.convert_layer(&mut hashing, &mut out)?;
             // Tar writers pad past the end-of-archive blocks; the diff_id covers those bytes too.
-            std::io::copy(&mut hashing, &mut std::io::sink())?;
+            std::io::copy(&mut hashing, &mut std::io::sink()).map_err(compression::driver_error)?;
             out.flush()?;
             let mut bridge = out.into_inner().map_err(|e| e.into_error())?;
             bridge.shutdown()?;
