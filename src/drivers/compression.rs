@@ -107,16 +107,21 @@ pub fn decompressed<'a, R: Read + 'a>(
 /// Turns an I/O error from a stream opened by [`decompressed`] back into the driver error it
 /// carries (a decompression failure), or wraps it as plain I/O.
 pub(crate) fn driver_error(e: io::Error) -> DriverError {
-    if e.get_ref().is_some_and(|inner| inner.is::<DriverError>()) {
-        if let Some(inner) = e.into_inner() {
-            return match inner.downcast::<DriverError>() {
-                Ok(d) => *d,
-                Err(other) => DriverError::Io(io::Error::other(other)),
-            };
-        }
-        unreachable!("get_ref returned Some, so into_inner does too");
+    if !e.get_ref().is_some_and(|inner| inner.is::<DriverError>()) {
+        return DriverError::Io(e);
     }
-    DriverError::Io(e)
+    let kind = e.kind();
+    match e.into_inner().map(|inner| inner.downcast::<DriverError>()) {
+        Some(Ok(driver)) => *driver,
+        Some(Err(other)) => DriverError::Io(io::Error::new(kind, other)),
+        None => DriverError::Io(io::Error::from(kind)),
+    }
+}
+
+/// Reads `input` to its end, so that a decompressor underneath checks its trailer (gzip CRC,
+/// zstd checksum) even when the tar stream ended before the compressed data did.
+pub(crate) fn drain(mut input: impl Read) -> Result<(), DriverError> {
+    io::copy(&mut input, &mut io::sink()).map(drop).map_err(driver_error)
 }
 
 /// Marks errors of the compressed source itself, so [`Decoded`] can tell them from corrupt data.

@@ -1037,6 +1037,12 @@ mod tests {
         tr.next_entry().unwrap();
         assert_eq!(tr.next_entry().unwrap().unwrap().header.name, b"b");
         assert!(tr.next_entry().unwrap().is_none());
+        // The `Read` view stops at the end of the payload.
+        let mut tr = TarReader::new(&good[..]);
+        tr.next_entry().unwrap();
+        let mut payload = Vec::new();
+        tr.payload().read_to_end(&mut payload).unwrap();
+        assert_eq!(payload, b"abc");
     }
 
     #[test]
