@@ -22,11 +22,15 @@ impl Compression {
     pub fn from_media_type(media_type: &str) -> Option<Compression> {
         // Parameters (`; charset=...`) never change the compression.
         let mt = media_type.split(';').next().unwrap_or("").trim();
+        let layer = mt.starts_with("application/vnd.oci.image.layer.")
+            || mt.starts_with("application/vnd.docker.image.rootfs.");
+        // Docker names compression with a dotted suffix (`.tar.gzip`, and `.tar.zstd` as
+        // containerd writes it), OCI with a structured suffix (`+gzip`).
         if mt.ends_with("+gzip") || mt.ends_with(".tar.gzip") {
             Some(Compression::Gzip)
-        } else if mt.ends_with("+zstd") {
+        } else if mt.ends_with("+zstd") || mt.ends_with(".tar.zstd") {
             Some(Compression::Zstd)
-        } else if mt.ends_with(".tar") && mt.starts_with("application/vnd.oci.image.layer.") {
+        } else if layer && mt.ends_with(".tar") {
             Some(Compression::Uncompressed)
         } else {
             None
@@ -199,7 +203,12 @@ mod tests {
         assert_eq!(Compression::from_media_type(mt::OCI_LAYER_NONDIST_ZSTD), Some(Compression::Zstd));
         assert_eq!(Compression::from_media_type(mt::OCI_LAYER_TAR), Some(Compression::Uncompressed));
         assert_eq!(Compression::from_media_type(mt::OCI_LAYER_NONDIST_TAR), Some(Compression::Uncompressed));
+        let docker = "application/vnd.docker.image.rootfs.diff.tar";
+        assert_eq!(Compression::from_media_type(docker), Some(Compression::Uncompressed));
+        assert_eq!(Compression::from_media_type(&format!("{docker}.zstd")), Some(Compression::Zstd));
         assert_eq!(Compression::from_media_type("application/octet-stream"), None);
+        assert_eq!(Compression::from_media_type("application/x-tar"), None);
+        assert_eq!(Compression::from_media_type("application/vnd.oci.image.layer.v1.tar+gzip+encrypted"), None);
     }
 
     #[test]
