@@ -491,6 +491,15 @@ fn corrupt_and_unsupported_input_is_rejected() {
     bad[1024 + 100] ^= 0x10; // mode field of the second header
     assert!(matches!(convert(&bad, options(CHUNK)), Err(DriverError::InvalidTar { offset: 1024, .. })));
 
+    // A PAX size no layer could have must fail as truncated input, not exhaust memory.
+    let mut l = Layer::new();
+    l.pax(&[("size", b"999999999999999999")]);
+    l.file("huge", 0o644, b"tiny");
+    match convert(&l.finish(), options(CHUNK)) {
+        Err(DriverError::InvalidTar { why, .. }) => assert!(why.contains("ends inside"), "{why}"),
+        other => panic!("expected InvalidTar, got {:?}", other.map(|(_, o)| o)),
+    }
+
     let mut h = ::tar::Header::new_gnu();
     h.set_entry_type(::tar::EntryType::GNUSparse);
     h.set_size(0);
