@@ -22,11 +22,15 @@ impl Compression {
     pub fn from_media_type(media_type: &str) -> Option<Compression> {
         // Parameters (`; charset=...`) never change the compression.
         let mt = media_type.split(';').next().unwrap_or("").trim();
+        let layer = mt.starts_with("application/vnd.oci.image.layer.")
+            || mt.starts_with("application/vnd.docker.image.rootfs.");
+        // Docker names compression with a dotted suffix (`.tar.gzip`, and `.tar.zstd` as
+        // containerd writes it), OCI with a structured suffix (`+gzip`).
         if mt.ends_with("+gzip") || mt.ends_with(".tar.gzip") {
             Some(Compression::Gzip)
-        } else if mt.ends_with("+zstd") {
+        } else if mt.ends_with("+zstd") || mt.ends_with(".tar.zstd") {
             Some(Compression::Zstd)
-        } else if mt.ends_with(".tar") && mt.starts_with("application/vnd.oci.image.layer.") {
+        } else if layer && mt.ends_with(".tar") {
             Some(Compression::Uncompressed)
         } else {
             None
@@ -107,16 +111,21 @@ pub fn decompressed<'a, R: Read + 'a>(
 /// Turns an I/O error from a stream opened by [`decompressed`] back into the driver error it
 /// carries (a decompression failure), or wraps it as plain I/O.
 pub(crate) fn driver_error(e: io::Error) -> DriverError {
-    if e.get_ref().is_some_and(|inner| inner.is::<DriverError>()) {
-        if let Some(inner) = e.into_inner() {
-            return match inner.downcast::<DriverError>() {
-                Ok(d) => *d,
-                Err(other) => DriverError::Io(io::Error::other(other)),
-            };
-        }
-        unreachable!("get_ref returned Some, so into_inner does too");
+    if !e.get_ref().is_some_and(|inner| inner.is::<DriverError>()) {
+        return DriverError::Io(e);
     }
-    DriverError::Io(e)
+    let kind = e.kind();
+    match e.into_inner().map(|inner| inner.downcast::<DriverError>()) {
+        Some(Ok(driver)) => *driver,
+        Some(Err(other)) => DriverError::Io(io::Error::new(kind, other)),
+        None => DriverError::Io(io::Error::from(kind)),
+    }
+}
+
+/// Reads `input` to its end, so that a decompressor underneath checks its trailer (gzip CRC,
+/// zstd checksum) even when the tar stream ended before the compressed data did.
+pub(crate) fn drain(mut input: impl Read) -> Result<(), DriverError> {
+    io::copy(&mut input, &mut io::sink()).map(drop).map_err(driver_error)
 }
 
 /// Marks errors of the compressed source itself, so [`Decoded`] can tell them from corrupt data.
@@ -194,7 +203,12 @@ mod tests {
         assert_eq!(Compression::from_media_type(mt::OCI_LAYER_NONDIST_ZSTD), Some(Compression::Zstd));
         assert_eq!(Compression::from_media_type(mt::OCI_LAYER_TAR), Some(Compression::Uncompressed));
         assert_eq!(Compression::from_media_type(mt::OCI_LAYER_NONDIST_TAR), Some(Compression::Uncompressed));
+        let docker = "application/vnd.docker.image.rootfs.diff.tar";
+        assert_eq!(Compression::from_media_type(docker), Some(Compression::Uncompressed));
+        assert_eq!(Compression::from_media_type(&format!("{docker}.zstd")), Some(Compression::Zstd));
         assert_eq!(Compression::from_media_type("application/octet-stream"), None);
+        assert_eq!(Compression::from_media_type("application/x-tar"), None);
+        assert_eq!(Compression::from_media_type("application/vnd.oci.image.layer.v1.tar+gzip+encrypted"), None);
     }
 
     #[test]

@@ -909,6 +909,26 @@ mod tests {
     }
 
     #[test]
+    fn global_pax_headers_are_kept_but_not_applied() {
+        let records = pax_record("uname", b"global-user");
+        let mut g = tar::Header::new_ustar();
+        g.set_path("pax_global_header").unwrap();
+        g.set_entry_type(tar::EntryType::XGlobalHeader);
+        g.set_size(records.len() as u64);
+        g.set_cksum();
+        let mut b = tar::Builder::new(Vec::new());
+        b.append(&g, &records[..]).unwrap();
+        b.append_data(&mut file_header("f", 2), "f", &b"hi"[..]).unwrap();
+        let data = b.into_inner().unwrap();
+        let list = entries(&data).unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0].0.header.name, b"f");
+        assert!(list[0].0.header.uname.is_empty(), "Go's reader ignores global records; so do we");
+        assert_eq!(list[0].0.raw_header.len(), 3 * 512);
+        assert_eq!(reassemble(&list), data[..data.len() - 1024]);
+    }
+
+    #[test]
     fn negative_pax_times_round_down() {
         assert_eq!(parse_pax_time("-1.5"), Some((-2, 500_000_000)));
         assert_eq!(parse_pax_time("-0.25"), Some((-1, 750_000_000)));
@@ -1037,6 +1057,12 @@ mod tests {
         tr.next_entry().unwrap();
         assert_eq!(tr.next_entry().unwrap().unwrap().header.name, b"b");
         assert!(tr.next_entry().unwrap().is_none());
+        // The `Read` view stops at the end of the payload.
+        let mut tr = TarReader::new(&good[..]);
+        tr.next_entry().unwrap();
+        let mut payload = Vec::new();
+        tr.payload().read_to_end(&mut payload).unwrap();
+        assert_eq!(payload, b"abc");
     }
 
     #[test]

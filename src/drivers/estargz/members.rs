@@ -205,7 +205,10 @@ fn worker<M>(jobs: Arc<Mutex<Receiver<Job<M>>>>, results: Sender<JobResult<M>>, 
             Err(_) => return,
         };
         let Ok(job) = job else { return };
-        if results.send(compress(&mut compressor, job)).is_err() {
+        // A panicking worker would leave the writer waiting for its job forever; report it.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| compress(&mut compressor, job)))
+            .unwrap_or_else(|_| Err(DriverError::Io(io::Error::other("gzip compression thread panicked"))));
+        if results.send(result).is_err() {
             return;
         }
     }

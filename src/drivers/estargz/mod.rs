@@ -13,7 +13,7 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{BufWriter, Read, Write};
 
 use serde::{Deserialize, Serialize};
 
@@ -108,8 +108,7 @@ impl Driver for Estargz {
                         w.add_entry(&mut tr, &entry)?;
                     }
                 }
-                // Read to the end so a decompressor underneath checks its trailer.
-                io::copy(&mut tr.into_inner(), &mut io::sink()).map_err(compression::driver_error)?;
+                compression::drain(tr.into_inner())?;
             } else {
                 let spill = order::Spill::new(input, prioritized, is_reserved_name)?;
                 for &offset in spill.front() {

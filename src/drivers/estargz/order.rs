@@ -42,8 +42,7 @@ impl Spill {
         {
             let mut tr = TarReader::new(Tee { input: &mut *input, copy: &file });
             index_entries(&mut tr, &wanted, &skip, &mut index)?;
-            // Read to the end so a decompressor underneath checks its trailer.
-            io::copy(&mut tr.into_inner().input, &mut io::sink()).map_err(crate::drivers::compression::driver_error)?;
+            crate::drivers::compression::drain(tr.into_inner().input)?;
         }
 
         // Hard-link targets outside the set are found by scanning the spill again; this only

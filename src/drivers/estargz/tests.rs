@@ -392,6 +392,15 @@ fn diff_id_is_the_digest_of_gzip_dc_output() {
     let plain = run(Path::new("gzip"), &[&"-dc", &path]);
     assert_eq!(out.diff_id, Digest::of(&plain));
     assert_eq!(out.uncompressed_size, plain.len() as u64);
+    // GNU tar reads it as an ordinary archive, TOC included.
+    let tar_path = dir.path().join("layer.tar");
+    std::fs::write(&tar_path, &plain).unwrap();
+    let listed = String::from_utf8(run(Path::new("tar"), &[&"-tf", &tar_path])).unwrap();
+    let listed: Vec<&str> = listed.lines().collect();
+    assert_eq!(listed.first(), Some(&NO_PREFETCH_LANDMARK));
+    assert_eq!(listed.last(), Some(&"stargz.index.json"));
+    assert!(listed.contains(&"bin/su-link") && listed.contains(&"dev/fifo"), "{listed:?}");
+    assert_eq!(listed.len(), tar_names(&src).len() + 2);
 }
 
 #[test]
@@ -481,6 +490,15 @@ fn corrupt_and_unsupported_input_is_rejected() {
     let mut bad = src.clone();
     bad[1024 + 100] ^= 0x10; // mode field of the second header
     assert!(matches!(convert(&bad, options(CHUNK)), Err(DriverError::InvalidTar { offset: 1024, .. })));
+
+    // A PAX size no layer could have must fail as truncated input, not exhaust memory.
+    let mut l = Layer::new();
+    l.pax(&[("size", b"999999999999999999")]);
+    l.file("huge", 0o644, b"tiny");
+    match convert(&l.finish(), options(CHUNK)) {
+        Err(DriverError::InvalidTar { why, .. }) => assert!(why.contains("ends inside"), "{why}"),
+        other => panic!("expected InvalidTar, got {:?}", other.map(|(_, o)| o)),
+    }
 
     let mut h = ::tar::Header::new_gnu();
     h.set_entry_type(::tar::EntryType::GNUSparse);

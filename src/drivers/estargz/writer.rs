@@ -114,7 +114,8 @@ impl<'o> LayerWriter<'o> {
         let name = first.name.clone();
         let mut first = Some(first);
         let mut file_digest = Hasher::new();
-        let mut records = Vec::with_capacity(usize::try_from(size.div_ceil(self.chunk_size)).unwrap_or(1));
+        // Not preallocated: `size` comes from the input and may be absurd.
+        let mut records = Vec::new();
         let mut done = 0u64;
         while done < size {
             self.cut()?;
