@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use futures::FutureExt;
 use chrono::Utc;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -176,6 +177,8 @@ struct Shared {
     /// Cancelled once every worker has stopped.
     stopped: CancellationToken,
     loops: Mutex<Vec<(String, JoinHandle<()>)>>,
+    /// Resume feeder and retention purger; they end on shutdown.
+    background: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Workers {
@@ -209,6 +212,7 @@ impl Workers {
             shutdown,
             stopped: CancellationToken::new(),
             loops: Mutex::new(Vec::new()),
+            background: Mutex::new(Vec::new()),
         });
         {
             let mut loops = shared.loops.lock().unwrap();
@@ -222,7 +226,8 @@ impl Workers {
         }
         shared.clone().resume(unfinished).await;
         let s = shared.clone();
-        tokio::spawn(async move { s.purge_loop().await });
+        let purge = tokio::spawn(async move { s.purge_loop().await });
+        shared.background.lock().unwrap().push(purge);
         Ok(Workers { shared })
     }
 
@@ -363,6 +368,10 @@ impl Workers {
                 let _ = h.await;
             }
         }
+        let background: Vec<JoinHandle<()>> = std::mem::take(&mut *s.background.lock().unwrap());
+        for h in background {
+            let _ = h.await;
+        }
         s.stopped.cancel();
     }
 
@@ -383,15 +392,6 @@ enum Finish {
     Skipped(String),
     /// The same content was already converted by this task.
     Reused(Task),
-}
-
-/// Aborts a spawned task when dropped, so abandoning a worker abandons its conversion too.
-struct AbortOnDrop<T>(JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 impl Shared {
@@ -418,15 +418,17 @@ impl Shared {
         }
         tracing::info!("resuming {} unfinished task(s)", queued.len());
         // Fed in the background: the backlog may exceed the queues, and the API must not wait.
-        tokio::spawn(async move {
+        let s = self.clone();
+        let feeder = tokio::spawn(async move {
             for (pipeline, id) in queued {
                 tokio::select! {
                     biased;
-                    _ = self.shutdown.cancelled() => return,
-                    r = self.queues[&pipeline].send(id) => if r.is_err() { return },
+                    _ = s.shutdown.cancelled() => return,
+                    r = s.queues[&pipeline].send(id) => if r.is_err() { return },
                 }
             }
         });
+        self.background.lock().unwrap().push(feeder);
     }
 
     async fn purge_loop(self: Arc<Self>) {
@@ -455,16 +457,17 @@ impl Shared {
                 },
             };
             let span = tracing::info_span!("task", id = %id, pipeline = %plan.name);
-            let run = tokio::spawn({
-                let (s, plan) = (self.clone(), plan.clone());
-                async move { s.run(plan, id).await }.instrument(span)
-            });
-            let mut guard = AbortOnDrop(run);
-            if let Err(e) = (&mut guard.0).await {
-                if e.is_panic() {
-                    tracing::error!(task = %id, pipeline = %plan.name, "task panicked: {e}");
-                    self.fail_after_panic(id, &plan).await;
-                }
+            // Run inline, so that abandoning this worker drops the task with it; a panic fails
+            // the task instead of taking the worker down.
+            let run = std::panic::AssertUnwindSafe(self.run(plan.clone(), id).instrument(span));
+            if let Err(panic) = run.catch_unwind().await {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(task = %id, pipeline = %plan.name, "task panicked: {what}");
+                self.fail_after_panic(id, &plan).await;
             }
         }
     }
