@@ -260,7 +260,7 @@ mod tests {
     fn digest_only_push_has_the_digest_as_tag() {
         let url = format!("harbor.example.com:8443/proxy/library/nginx@{D}");
         let w = parse(default_payload(D, &url).as_bytes(), None, "harbor").unwrap();
-        assert_eq!(refs(&w), [url.clone()]);
+        assert_eq!(refs(&w), [url.as_str()]);
         let w = parse(cloudevent(CLOUDEVENTS_PUSH, D, &url).as_bytes(), Some(CLOUDEVENTS_CONTENT_TYPE), "harbor").unwrap();
         let Webhook::Pushed { events, .. } = &w else { panic!() };
         assert_eq!(events[0].reference.tag(), None);
