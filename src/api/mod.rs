@@ -140,7 +140,8 @@ async fn authenticate(State(st): State<AppState>, req: Request, next: Next) -> R
         let ok = given.is_some_and(|g| bool::from(g.as_slice().ct_eq(want.as_slice())));
         if !ok {
             let why = if req.headers().contains_key(header::AUTHORIZATION) { "is wrong" } else { "is missing" };
-            tracing::warn!(module = %"api", remote = ?remote(&req), "refused {} {}: Authorization header {why}", req.method(), req.uri().path());
+            let from = remote(&req).map(|a| a.to_string()).unwrap_or_else(|| "-".into());
+            tracing::warn!(module = %"api", "refused {} {} from {from}: Authorization header {why}", req.method(), req.uri().path());
             return ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
