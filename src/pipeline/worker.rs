@@ -300,13 +300,17 @@ impl Workers {
         let s = &self.shared;
         let (tx, rx) = oneshot::channel();
         s.waiters.lock().unwrap().entry(id).or_default().push(tx);
-        let result = match s.store.get(id).await {
-            Ok(Some(t)) if t.status.is_finished() => Some(t),
-            Ok(None) => None,
-            _ => tokio::select! {
-                t = rx => t.ok(),
-                _ = s.stopped.cancelled() => None,
-            },
+        let result = {
+            // Owned here so it is gone before the clean-up below looks for closed senders.
+            let rx = rx;
+            match s.store.get(id).await {
+                Ok(Some(t)) if t.status.is_finished() => Some(t),
+                Ok(None) => None,
+                _ => tokio::select! {
+                    t = rx => t.ok(),
+                    _ = s.stopped.cancelled() => None,
+                },
+            }
         };
         let mut waiters = s.waiters.lock().unwrap();
         if let Some(list) = waiters.get_mut(&id) {
@@ -897,6 +901,17 @@ mod tests {
         stopping.await.unwrap();
         let t = s.workers.store().get(a.task.id).await.unwrap().unwrap();
         assert_eq!(t.status, TaskStatus::Completed);
+    }
+
+    #[tokio::test]
+    async fn waiting_leaves_nothing_behind() {
+        let s = setup(Fake::default(), options(8)).await;
+        let id = accept_one(&s.workers, "h.io/lib/a:1").await.task.id;
+        s.workers.wait(id).await.unwrap();
+        // Already finished: answered from the store.
+        assert_eq!(s.workers.wait(id).await.unwrap().status, TaskStatus::Completed);
+        assert_eq!(s.workers.wait(Uuid::now_v7()).await, None, "unknown task");
+        assert!(s.workers.shared.waiters.lock().unwrap().is_empty());
     }
 
     #[tokio::test]
