@@ -88,6 +88,12 @@ pub async fn serve(config: Config, runner: Arc<dyn Runner>, listener: TcpListene
         Ok(Err(e)) => return Err(RunError::Serve(std::io::Error::other(e.to_string()))),
         Err(_) => tracing::warn!("some API connections were still open after {HTTP_DRAIN:?}; closing them"),
     }
+    // Closed before returning, so the same database can be opened again at once.
+    let store = workers.store().clone();
+    drop(workers);
+    if !store.close(HTTP_DRAIN).await {
+        tracing::warn!("the task database was still in use when acceld stopped");
+    }
     tracing::info!("stopped");
     Ok(())
 }

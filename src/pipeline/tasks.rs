@@ -254,6 +254,20 @@ impl TaskStore {
         &self.inner.path
     }
 
+    /// Waits up to `timeout` for the other handles to go, then closes the database (the writer
+    /// finishes what is queued and the file is released). False when other handles remained;
+    /// the database then closes with the last of them.
+    pub async fn close(self, timeout: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while Arc::strong_count(&self.inner) > 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let last = Arc::strong_count(&self.inner) == 1;
+        // Dropping the last handle joins the writer thread: not on an executor thread.
+        let _ = tokio::task::spawn_blocking(move || drop(self)).await;
+        last
+    }
+
     async fn write<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T, TaskStoreError> {
         let (tx, rx) = oneshot::channel();
         let writes = self.inner.writes.as_ref().ok_or(TaskStoreError::Closed)?;

@@ -257,12 +257,12 @@ impl Workers {
         let mut permits = Vec::with_capacity(routed.len());
         for r in &routed {
             let queue = &s.queues[&r.plan.name];
-            match queue.try_reserve() {
+            match queue.clone().try_reserve_owned() {
                 Ok(p) => permits.push(p),
-                Err(mpsc::error::TrySendError::Full(())) => {
+                Err(mpsc::error::TrySendError::Full(_)) => {
                     return Err(SubmitError::QueueFull { pipeline: r.plan.name.clone(), capacity: queue.max_capacity() })
                 }
-                Err(mpsc::error::TrySendError::Closed(())) => return Err(SubmitError::ShuttingDown),
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(SubmitError::ShuttingDown),
             }
         }
         let new = routed
@@ -275,22 +275,30 @@ impl Workers {
                 reuse_completed: r.event.reference.digest().is_some(),
             })
             .collect();
-        let inserted = s.store.insert(new).await?;
-        for ((ins, permit), r) in inserted.into_iter().zip(permits).zip(&routed) {
-            match ins {
-                Inserted::Created(task) => {
-                    tracing::info!(module = %"api", task = %task.id, pipeline = %task.pipeline, "created task for {}", task.source);
-                    s.metrics.task_started(&task.pipeline, &driver_names(&r.plan), true);
-                    permit.send(task.id);
-                    accepted.tasks.push(Submitted { task, created: true });
-                }
-                Inserted::Existing(task) => {
-                    tracing::info!(module = %"api", task = %task.id, pipeline = %task.pipeline, status = %task.status, "{} is already converted or in flight", task.source);
-                    s.metrics.task_deduplicated(&task.pipeline);
-                    accepted.tasks.push(Submitted { task, created: false });
+        // Storing and queueing run to the end even if the caller goes away (a webhook client
+        // that hangs up), so a stored task is never left out of its queue.
+        let shared = s.clone();
+        let submitted = tokio::spawn(async move {
+            let inserted = shared.store.insert(new).await?;
+            let mut out = Vec::with_capacity(inserted.len());
+            for ((ins, permit), r) in inserted.into_iter().zip(permits).zip(&routed) {
+                match ins {
+                    Inserted::Created(task) => {
+                        tracing::info!(module = %"api", task = %task.id, pipeline = %task.pipeline, "created task for {}", task.source);
+                        shared.metrics.task_started(&task.pipeline, &driver_names(&r.plan), true);
+                        permit.send(task.id);
+                        out.push(Submitted { task, created: true });
+                    }
+                    Inserted::Existing(task) => {
+                        tracing::info!(module = %"api", task = %task.id, pipeline = %task.pipeline, status = %task.status, "{} is already converted or in flight", task.source);
+                        shared.metrics.task_deduplicated(&task.pipeline);
+                        out.push(Submitted { task, created: false });
+                    }
                 }
             }
-        }
+            Ok::<_, TaskStoreError>(out)
+        });
+        accepted.tasks = submitted.await.map_err(|e| TaskStoreError::Db(format!("storing tasks stopped: {e}")))??;
         Ok(accepted)
     }
 
@@ -870,6 +878,9 @@ mod tests {
             s.shutdown.cancel();
             s.workers.stop().await;
             assert!(s.workers.accept(&[event("h.io/lib/z:1")]).await.is_err(), "no work is taken after shutdown");
+            let store = s.workers.store().clone();
+            drop(s);
+            assert!(store.close(Duration::from_secs(5)).await, "nothing holds the database after stop");
             ids
         };
         let s = setup_at(&path, Fake::default(), options(8)).await;
