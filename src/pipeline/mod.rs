@@ -1,4 +1,5 @@
-//! Pipelines: naming targets and running conversions (pull once, convert, push).
+//! Pipelines: events to tasks, durable tasks and their workers, naming targets and running
+//! conversions (pull once, convert, push).
 
 pub mod convert;
 pub mod event;
@@ -11,9 +12,9 @@ pub mod tasks;
 pub mod worker;
 
 pub use convert::{Conversion, ConvertError, ConvertRequest, ConvertResult, Converter, TargetResult};
+pub use event::{Event, Router, Skipped};
 pub use matching::Matcher;
 pub use naming::TargetNaming;
-pub use event::{Event, Router, Skipped};
 pub use plan::Plan;
 pub use progress::{BarProgress, LogProgress, Progress, Stage};
 pub use tasks::{Task, TaskStatus, TaskStore};
