@@ -507,6 +507,21 @@ impl Shared {
             }
         };
         let started = Instant::now();
+        // An attempt left open was cut short: acceld stopped or died during it.
+        if let Some(a) = task.attempts.last_mut().filter(|a| a.finished.is_none()) {
+            a.error = Some("interrupted: acceld stopped during this attempt".into());
+            a.retryable = true;
+            let n = task.attempts.len() as u32;
+            // An image that brings the process down every time must not do so forever.
+            if n >= self.options.max_attempts {
+                task.status = TaskStatus::Failed;
+                task.finished = Some(Utc::now());
+                task.reason = format!("gave up after {n} attempts; the last one was interrupted (did acceld crash on this image?)");
+                tracing::error!(source = %task.source, "{}", task.reason);
+                self.finish(&plan, task, Vec::new(), Duration::ZERO).await;
+                return;
+            }
+        }
         loop {
             task.attempts.push(Attempt { started: Utc::now(), finished: None, error: None, retryable: false });
             let n = task.attempts.len() as u32;
@@ -891,6 +906,34 @@ mod tests {
         assert_eq!(s.runner.converts.load(Ordering::SeqCst), 3);
         let listed = s.workers.store().list().await.unwrap();
         assert_eq!(listed.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn interrupted_attempts_are_recorded_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.redb");
+        let (once, always) = {
+            let store = TaskStore::open(&path).unwrap();
+            let new = |r: &str| NewTask { pipeline: "p".into(), origin: "harbor".into(), source: r.parse().unwrap(), key: r.into(), reuse_completed: true };
+            let got = store.insert(vec![new("h.io/lib/once:1"), new("h.io/lib/always:1")]).await.unwrap();
+            let (mut once, mut always) = (got[0].task().clone(), got[1].task().clone());
+            let open = Attempt { started: Utc::now(), finished: None, error: None, retryable: false };
+            once.attempts = vec![open.clone()];
+            always.attempts = vec![open.clone(), open.clone(), open];
+            store.put(&once, vec![]).await.unwrap();
+            store.put(&always, vec![]).await.unwrap();
+            assert!(store.close(Duration::from_secs(5)).await);
+            (once.id, always.id)
+        };
+        let s = setup_at(&path, Fake::default(), options(8)).await;
+        let once = s.workers.wait(once).await.unwrap();
+        assert_eq!(once.status, TaskStatus::Completed, "{once:?}");
+        assert_eq!(once.attempts.len(), 2);
+        assert!(once.attempts[0].error.as_deref().unwrap().contains("interrupted"));
+        let always = s.workers.wait(always).await.unwrap();
+        assert_eq!(always.status, TaskStatus::Failed, "{always:?}");
+        assert!(always.reason.contains("gave up after 3 attempts"), "{}", always.reason);
+        assert_eq!(s.runner.converts.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
