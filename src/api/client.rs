@@ -12,7 +12,8 @@ use crate::oci::Reference;
 pub enum ClientError {
     #[error("address {addr:?} is not a URL: {why}")]
     Addr { addr: String, why: String },
-    #[error("cannot reach acceld at {url}: {source} (is it running, and is --addr right?)")]
+    /// The cause follows in the error's source chain.
+    #[error("cannot reach acceld at {url} (is it running, and is --addr right?)")]
     Connect { url: String, source: reqwest::Error },
     #[error("acceld refused the request ({status}): {message}{hint}", hint = if *.status == StatusCode::UNAUTHORIZED { " (pass --auth-header or set ACCEL_AUTH_HEADER)" } else { "" })]
     Api { status: StatusCode, code: String, message: String },
