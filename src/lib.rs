@@ -5,6 +5,7 @@
 //! `registry` (pull/push), `store` (blobs between stages) and `drivers` (format writers), and
 //! results go to `sinks`. The binaries `accelctl` and `acceld` are thin wrappers over this crate.
 
+pub mod api;
 pub mod config;
 pub mod drivers;
 pub mod oci;
@@ -13,3 +14,5 @@ pub mod registry;
 pub mod sinks;
 pub mod sources;
 pub mod store;
+
+pub use api::run;

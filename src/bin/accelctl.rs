@@ -1,4 +1,5 @@
-//! `accelctl`: one-shot conversions (`convert`) and config checks (`validate`).
+//! `accelctl`: one-shot conversions (`convert`), config checks (`validate`) and acceld tasks
+//! (`task create|list`).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -31,6 +32,8 @@ enum Command {
         #[arg(long, short, default_value = "pipelines.yaml")]
         config: PathBuf,
     },
+    /// Create and list conversion tasks of a running acceld.
+    Task(accel::api::cli::TaskArgs),
 }
 
 #[derive(Args)]
@@ -82,6 +85,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Convert(args) => convert(args).await,
             Command::Validate { config } => validate(&config),
+            Command::Task(args) => args.run().await.map_err(Into::into),
         }
     });
     match result {

@@ -86,9 +86,18 @@ impl Config {
                 problem(format!("registries.{host}"), "is not a registry host (host or host:port)".into());
             }
         }
+        if self.tasks.queue_size == 0 {
+            problem("tasks.queue_size".into(), "must be at least 1".into());
+        }
+        if self.tasks.max_attempts == 0 {
+            problem("tasks.max_attempts".into(), "must be at least 1 (the first attempt counts)".into());
+        }
         let mut names = BTreeSet::new();
         for (i, p) in self.pipelines.iter().enumerate() {
             let at = format!("pipelines[{i}]");
+            if p.concurrency == 0 {
+                problem(format!("{at}.concurrency"), "must be at least 1".into());
+            }
             if p.name.trim().is_empty() {
                 problem(format!("{at}.name"), "must not be empty".into());
             } else if !names.insert(p.name.as_str()) {

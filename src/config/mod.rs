@@ -25,6 +25,9 @@ pub struct Config {
     /// Where blobs are kept between pull, convert and push.
     #[serde(default)]
     pub store: StoreConfig,
+    /// Durable task database, queues and retries of `acceld`.
+    #[serde(default)]
+    pub tasks: TasksConfig,
     /// Per registry host (`host` or `host:port`, as in image references): credentials and
     /// transport.
     #[serde(default)]
@@ -52,11 +55,50 @@ pub struct ServerConfig {
     /// When set, every API request must carry exactly this `Authorization` header value.
     #[serde(deserialize_with = "units::non_empty_secret")]
     pub auth_header: Option<Secret>,
+    /// Request bodies larger than this are refused with 413.
+    pub max_body_bytes: ByteSize,
+    /// On SIGINT/SIGTERM, running conversions get this long to finish; queued ones stay queued
+    /// for the next start.
+    pub shutdown_grace_secs: u64,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { listen: "127.0.0.1:2077".into(), auth_header: None }
+        ServerConfig { listen: "127.0.0.1:2077".into(), auth_header: None, max_body_bytes: ByteSize(1 << 20), shutdown_grace_secs: 60 }
+    }
+}
+
+/// Durable tasks of `acceld`: where they are kept, how long, how many wait, how failures retry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TasksConfig {
+    /// Task database file. Default: `$XDG_DATA_HOME/accel/tasks.redb` or
+    /// `~/.local/share/accel/tasks.redb`.
+    pub path: Option<PathBuf>,
+    /// Finished (completed or failed) tasks are deleted this long after they finished.
+    pub retention_secs: u64,
+    /// Tasks waiting for a worker, per pipeline. When full, new events are refused with 503 so
+    /// the sender retries later.
+    pub queue_size: usize,
+    /// Attempts at a task whose failures are retryable (5xx, timeouts, connection resets),
+    /// the first one included. Permanent failures are not retried.
+    pub max_attempts: u32,
+    /// Wait before the second attempt; it doubles for each further attempt.
+    pub retry_backoff_secs: u64,
+    /// Longest wait between two attempts.
+    pub retry_backoff_max_secs: u64,
+}
+
+impl Default for TasksConfig {
+    fn default() -> Self {
+        TasksConfig {
+            path: None,
+            retention_secs: 7 * 24 * 3600,
+            queue_size: 1024,
+            max_attempts: 5,
+            retry_backoff_secs: 5,
+            retry_backoff_max_secs: 300,
+        }
     }
 }
 
@@ -132,6 +174,13 @@ pub struct PipelineConfig {
     /// Names of `sinks` that hear each result.
     #[serde(default)]
     pub sinks: Vec<String>,
+    /// Conversions of this pipeline `acceld` runs at once.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+}
+
+fn default_concurrency() -> usize {
+    1
 }
 
 #[derive(Debug, Clone, Deserialize)]
