@@ -1,9 +1,6 @@
 //! End to end: the real `acceld` binary against Debian's `docker-registry` on loopback, with
 //! images made of Debian files from this machine, posted Harbor webhooks, and converted layers
 //! read back with the reference reader (`layercheck`, built from ../shared/tools/layercheck).
-//!
-//! These need the registry client and the eStargz writer; run them with
-//! `cargo test --test acceld_e2e -- --ignored` where those are in place.
 
 mod common;
 
@@ -339,7 +336,6 @@ async fn setup(level: u32) -> (Registry, tempfile::TempDir, Acceld) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the registry client and the eStargz writer"]
 async fn harbor_payloads_convert_and_the_result_verifies() {
     let (reg, _dir, d) = setup(9).await;
     let layers = vec![layer(&some_debian_files(), 0)];
@@ -365,7 +361,6 @@ async fn harbor_payloads_convert_and_the_result_verifies() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the registry client and the eStargz writer"]
 async fn auth_and_bad_bodies_are_refused() {
     let (reg, _dir, d) = setup(1).await;
     let digest = Digest::of(b"x");
@@ -387,7 +382,6 @@ async fn auth_and_bad_bodies_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the registry client and the eStargz writer"]
 async fn redelivery_converts_once_and_the_pushed_result_is_not_converted() {
     let (reg, _dir, d) = setup(1).await;
     let layers = vec![layer(&some_debian_files(), 0)];
@@ -410,7 +404,6 @@ async fn redelivery_converts_once_and_the_pushed_result_is_not_converted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the registry client and the eStargz writer"]
 async fn kill_9_mid_conversion_then_restart_completes() {
     let (reg, dir, mut d) = setup(9).await;
     // Large enough to take a while at level 9: Debian binaries, several copies.
@@ -446,7 +439,6 @@ async fn kill_9_mid_conversion_then_restart_completes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the registry client and the eStargz writer"]
 async fn sigterm_finishes_the_running_conversion_and_exits() {
     let (reg, _dir, mut d) = setup(6).await;
     let layers = vec![layer(&some_debian_files(), 0)];

@@ -206,9 +206,10 @@ impl Converter {
         let mut blobs = vec![manifest.config.clone()];
         blobs.extend(manifest.layers.iter().cloned());
         self.progress.add_steps(manifest.layers.len() as u64);
-        futures::stream::iter(blobs.iter().enumerate())
+        // Owned items: closures over borrowed ones make the future's Send-ness unprovable.
+        futures::stream::iter(blobs.into_iter().enumerate())
             .map(|(i, d)| async move {
-                let pulled = self.pull_blob(source, d, lease).await?;
+                let pulled = self.pull_blob(source, &d, lease).await?;
                 if i > 0 {
                     let how = if pulled { "pulled layer" } else { "layer already in the store:" };
                     self.progress.step_done(&format!("{how} {} ({})", d.digest, human(d.size)));
@@ -291,11 +292,11 @@ impl Converter {
         let diff_ids: Vec<Option<Digest>> = (0..layers.len())
             .map(|i| image.config.pointer(&format!("/rootfs/diff_ids/{i}")).and_then(|v| v.as_str()).and_then(|s| s.parse().ok()))
             .collect();
-        let converted: Vec<(Descriptor, Digest)> = futures::stream::iter(layers.iter().zip(diff_ids))
+        let converted: Vec<(Descriptor, Digest)> = futures::stream::iter(layers.iter().cloned().zip(diff_ids))
             .map(|(layer, diff_id)| {
                 let driver = driver.clone();
                 async move {
-                    let out = self.convert_layer(image, layer, diff_id, driver, lease).await?;
+                    let out = self.convert_layer(image, &layer, diff_id, driver, lease).await?;
                     self.progress.step_done(&format!("converted layer {} ({} -> {})", layer.digest, human(layer.size), human(out.0.size)));
                     Ok::<_, ConvertError>(out)
                 }
@@ -384,9 +385,9 @@ impl Converter {
         let mount_from = (source.registry() == target.registry() && source.repository() != target.repository()).then_some(source);
         for image in &images {
             self.progress.add_steps(image.blobs.len() as u64);
-            futures::stream::iter(image.blobs.iter())
+            futures::stream::iter(image.blobs.iter().cloned())
                 .map(|b| async move {
-                    self.push_blob(target, b, mount_from).await?;
+                    self.push_blob(target, &b, mount_from).await?;
                     self.progress.step_done(&format!("pushed blob {} ({})", b.digest, human(b.size)));
                     Ok::<_, ConvertError>(())
                 })
@@ -574,6 +575,13 @@ impl<R: Read> Read for HashingReader<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Daemon workers spawn conversions on the runtime, which needs a `Send` future.
+    #[allow(dead_code)]
+    fn conversion_future_is_send(c: &Converter, r: &ConvertRequest) {
+        fn is_send<T: Send>(_: T) {}
+        is_send(c.convert(r));
+    }
 
     fn entry(platform: Option<(&str, &str)>, annotations: &[(&str, &str)]) -> serde_json::Value {
         let mut e = serde_json::json!({

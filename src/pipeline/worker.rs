@@ -81,17 +81,7 @@ impl Runner for ConverterRunner {
         // A fresh progress per task keeps its step counts its own.
         let converter = Converter::new(self.registry.clone(), self.store.clone(), Arc::new(LogProgress::default()));
         let request = ConvertRequest { source: source.clone(), conversions: plan.conversions.clone(), platforms: plan.platforms.clone() };
-        // The conversion future is not `Send` as far as the compiler can prove (borrowing
-        // closures in its layer streams), so it is driven on a thread of its own rather than
-        // moved between executor threads. Its CPU-heavy parts already run on the blocking pool.
-        let handle = tokio::runtime::Handle::current();
-        let span = tracing::Span::current();
-        tokio::task::spawn_blocking(move || {
-            let _entered = span.enter();
-            handle.block_on(async move { converter.convert(&request).await })
-        })
-        .await
-        .map_err(|e| ConvertError::Join(e.to_string()))?
+        converter.convert(&request).instrument(tracing::Span::current()).await
     }
 }
 
