@@ -356,9 +356,10 @@ store:
 EOF
 
 ctr_target=$registry/bench/debian:ctr-esgz
-declare -a ctr_secs=() ctr_rss=() cold_secs=() cold_rss=() warm_secs=() warm_rss=()
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
+declare -a ctr_secs=() ctr_rss=() ctr_cpu=() cold_secs=() cold_rss=() cold_cpu=() warm_secs=() warm_rss=() warm_cpu=()
 ctr_bytes= accel_bytes= ctr_uncompressed= accel_uncompressed=
-printf '\n%-10s %-4s %9s %9s %9s %11s %6s  %s\n' side run seconds cpu_s server_s "out_bytes" rss_MiB "notes" >&2
+printf '\n%-10s %-4s %9s %9s %9s %11s %6s  %s\n' side run seconds cpu_s server_s "out_bytes" rss_MiB "notes"
 
 for i in $(seq "$runs"); do
 	load=$(cut -d' ' -f1 /proc/loadavg)
@@ -368,6 +369,8 @@ for i in $(seq "$runs"); do
 	timed "$containerd_pid" "ctr-$i" ctr-remote --address "$ctr_sock" --namespace bench \
 		image convert --estargz --oci --estargz-compression-level "$level" "$src_ref" "$ctr_target"
 	ctr_secs+=("$run_secs"); ctr_rss+=("$run_rss_kib")
+	# The client compresses; containerd serves the blobs and stores the result.
+	ctr_cpu+=("$(awk -v a="$run_cpu" -v b="$run_server_cpu" 'BEGIN { printf "%.2f", a + b }')")
 	mdigest=$(ctr images ls | awk -v r="$ctr_target" '$1 == r { print $3 }')
 	[ -n "$mdigest" ] || die "ctr-remote made no image $ctr_target"
 	ctr content get "$mdigest" >"$work/runs/ctr-$i.manifest.json"
@@ -375,7 +378,7 @@ for i in $(seq "$runs"); do
 	[ -n "$ctr_bytes" ] && [ "$bytes" != "$ctr_bytes" ] && log "note: ctr-remote output size changed between runs ($ctr_bytes, $bytes)"
 	ctr_bytes=$bytes
 	ctr_uncompressed=$(jq '[.layers[].annotations["io.containers.estargz.uncompressed-size"] // "0" | tonumber] | add' "$work/runs/ctr-$i.manifest.json")
-	printf '%-10s %-4s %9s %9s %9s %11s %6s  %s\n' ctr-remote "$i" "$run_secs" "$run_cpu" "$run_server_cpu" "$bytes" "$(mib "$run_rss_kib")" "load $load; containerd CPU in server_s" >&2
+	printf '%-10s %-4s %9s %9s %9s %11s %6s  %s\n' ctr-remote "$i" "$run_secs" "$run_cpu" "$run_server_cpu" "$bytes" "$(mib "$run_rss_kib")" "load $load; containerd CPU in server_s"
 
 	# Ours, cold: empty store, so pull + convert + push. Run 1 targets the usual name; later
 	# runs push to their own repository so that they upload as much as run 1 did.
@@ -389,7 +392,7 @@ for i in $(seq "$runs"); do
 	fi
 	timed "$registry_pid" "accel-cold-$i" env NO_COLOR=1 "$accelctl" convert --config "$work/accel-cold-$i.yaml" \
 		--option "compression_level=$level" --output json "${target_args[@]}" "$src_ref"
-	cold_secs+=("$run_secs"); cold_rss+=("$run_rss_kib")
+	cold_secs+=("$run_secs"); cold_rss+=("$run_rss_kib"); cold_cpu+=("$run_cpu")
 	target=$(jq -r '.targets[0].reference' "$out")
 	skopeo inspect --raw --tls-verify=false "docker://$target" >"$work/runs/accel-cold-$i.manifest.json"
 	bytes=$(layer_bytes <"$work/runs/accel-cold-$i.manifest.json")
@@ -397,18 +400,18 @@ for i in $(seq "$runs"); do
 	accel_bytes=$bytes
 	accel_uncompressed=$(jq '[.layers[].annotations["io.containers.estargz.uncompressed-size"] // "0" | tonumber] | add' "$work/runs/accel-cold-$i.manifest.json")
 	printf '%-10s %-4s %9s %9s %9s %11s %6s  %s\n' accel-cold "$i" "$run_secs" "$run_cpu" "$run_server_cpu" "$bytes" "$(mib "$run_rss_kib")" \
-		"$(accel_phases "$work/runs/accel-cold-$i.err"); registry CPU in server_s" >&2
+		"$(accel_phases "$work/runs/accel-cold-$i.err"); registry CPU in server_s"
 
 	# Ours, warm: the source is in the store of cold run 1 and the converted blobs are in the
 	# registry already, so this is conversion plus existence checks and a manifest push.
 	timed "$registry_pid" "accel-warm-$i" env NO_COLOR=1 "$accelctl" convert --config "$cold1_config" \
 		--option "compression_level=$level" --output json --tag-suffix "-esgz$((i + 1))" "$src_ref"
-	warm_secs+=("$run_secs"); warm_rss+=("$run_rss_kib")
+	warm_secs+=("$run_secs"); warm_rss+=("$run_rss_kib"); warm_cpu+=("$run_cpu")
 	target=$(jq -r '.targets[0].reference' "$out")
 	bytes=$(skopeo inspect --raw --tls-verify=false "docker://$target" | layer_bytes)
 	[ "$bytes" != "$accel_bytes" ] && log "note: accelctl output size changed between runs ($accel_bytes, $bytes)"
 	printf '%-10s %-4s %9s %9s %9s %11s %6s  %s\n' accel-warm "$i" "$run_secs" "$run_cpu" "$run_server_cpu" "$bytes" "$(mib "$run_rss_kib")" \
-		"$(accel_phases "$work/runs/accel-warm-$i.err")" >&2
+		"$(accel_phases "$work/runs/accel-warm-$i.err")"
 done
 
 # Both tools must have described the same uncompressed content.
@@ -425,6 +428,7 @@ ctr_rss_max=$(maximum "${ctr_rss[@]}")
 cold_rss_max=$(maximum "${cold_rss[@]}")
 warm_rss_max=$(maximum "${warm_rss[@]}")
 accel_rss_max=$(maximum "$cold_rss_max" "$warm_rss_max")
+ctr_cpu_med=$(median "${ctr_cpu[@]}"); cold_cpu_med=$(median "${cold_cpu[@]}"); warm_cpu_med=$(median "${warm_cpu[@]}")
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 verdict() {
@@ -440,26 +444,32 @@ speed_cold_med=$(ratio "$ctr_med" "$cold_med"); speed_cold_best=$(ratio "$ctr_be
 size_ratio=$(awk -v a="$accel_bytes" -v b="$ctr_bytes" 'BEGIN { printf "%.4f", a / b }')
 size_pct=$(awk -v r="$size_ratio" 'BEGIN { printf "%+.2f", (r - 1) * 100 }')
 rss_mib=$(mib "$accel_rss_max")
+cpu_ratio=$(ratio "$ctr_cpu_med" "$warm_cpu_med")
 
 cat <<EOF
 
 eStargz conversion, gzip level $level, $runs run(s) per side, $(nproc) core(s)
 source: $layers layer(s), $src_uncompressed bytes of tar, $src_layer_bytes bytes gzip (Debian bookworm minbase)
 
-tool                        best_s  median_s   out_bytes   peak_RSS_MiB
-ctr-remote image convert  $(printf '%8s  %8s  %10s  %13s' "$ctr_best" "$ctr_med" "$ctr_bytes" "$(mib "$ctr_rss_max")")
-accelctl convert (warm)   $(printf '%8s  %8s  %10s  %13s' "$warm_best" "$warm_med" "$accel_bytes" "$(mib "$warm_rss_max")")
-accelctl convert (cold)   $(printf '%8s  %8s  %10s  %13s' "$cold_best" "$cold_med" "$accel_bytes" "$(mib "$cold_rss_max")")
+tool                        best_s  median_s  median_cpu_s   out_bytes   peak_RSS_MiB
+ctr-remote image convert  $(printf '%8s  %8s  %12s  %10s  %13s' "$ctr_best" "$ctr_med" "$ctr_cpu_med" "$ctr_bytes" "$(mib "$ctr_rss_max")")
+accelctl convert (warm)   $(printf '%8s  %8s  %12s  %10s  %13s' "$warm_best" "$warm_med" "$warm_cpu_med" "$accel_bytes" "$(mib "$warm_rss_max")")
+accelctl convert (cold)   $(printf '%8s  %8s  %12s  %10s  %13s' "$cold_best" "$cold_med" "$cold_cpu_med" "$accel_bytes" "$(mib "$cold_rss_max")")
 
 warm = source already in accel's store: convert + push of blobs the registry has (comparable to
        ctr-remote, which converts from containerd's store and pushes nothing)
 cold = empty store: pull + convert + push
+cpu  = user + system seconds; for ctr-remote the client plus containerd's share
+load average before / after: $load_start / $(cut -d' ' -f1-3 /proc/loadavg)
 
-speedup (ctr-remote s / accel s)   warm: median ${speed_warm_med}x, best ${speed_warm_best}x   cold: median ${speed_cold_med}x, best ${speed_cold_best}x
-size ratio (accel / ctr-remote)    $size_ratio ($size_pct%)
-accel peak RSS                     $rss_mib MiB (ctr-remote client: $(mib "$ctr_rss_max") MiB)
-
-target: speedup >= ${target_speedup}x (warm, median)   $(verdict "$speed_warm_med" ge "$target_speedup")
-target: output <= ${target_size_pct}% larger            $(verdict "$size_pct" le "$target_size_pct")
-target: peak RSS < ${target_rss_mib} MiB              $(verdict "$rss_mib" lt "$target_rss_mib")
 EOF
+
+line() { printf '%-40s %s\n' "$1" "$2"; }
+line "speedup (ctr-remote s / accel s)" "warm: median ${speed_warm_med}x, best ${speed_warm_best}x; cold: median ${speed_cold_med}x, best ${speed_cold_best}x"
+line "CPU-time ratio (ctr-remote / warm)" "${cpu_ratio}x (less sensitive to other load on the machine)"
+line "size ratio (accel / ctr-remote)" "$size_ratio ($size_pct%)"
+line "accel peak RSS" "$rss_mib MiB (ctr-remote client: $(mib "$ctr_rss_max") MiB)"
+echo
+line "target: speedup >= ${target_speedup}x (warm, median)" "$(verdict "$speed_warm_med" ge "$target_speedup")"
+line "target: output <= ${target_size_pct}% larger" "$(verdict "$size_pct" le "$target_size_pct")"
+line "target: peak RSS < ${target_rss_mib} MiB" "$(verdict "$rss_mib" lt "$target_rss_mib")"
