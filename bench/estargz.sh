@@ -3,11 +3,13 @@
 # the reference tool (stargz-snapshotter's `ctr-remote image convert`) in one run on this
 # machine, then prints times, output sizes, peak memory and the ratios the README targets.
 #
-#   bench/estargz.sh [--runs N] [--layers 1|3] [--level L] [--keep]
+#   bench/estargz.sh [--runs N] [--layers 1|3] [--level L] [--perf] [--keep]
 #
 #   --runs N     runs of each side (default 2); best and median are reported, every run printed
 #   --layers 3   split the rootfs into three layers (base, usr, var) instead of one
 #   --level L    gzip level of both tools (default 9)
+#   --perf       after the timed runs, profile one more conversion of each side with perf
+#                and print where CPU time goes (needs linux-perf)
 #   --keep       keep the work directory (logs, stores, registry data) and print its path
 #
 # Environment:
@@ -29,6 +31,7 @@ runs=2
 layers=1
 level=9
 keep=
+profile=
 
 # Targets stated in README.md.
 target_speedup=5
@@ -46,6 +49,7 @@ while [ $# -gt 0 ]; do
 		--layers) layers=${2:?}; shift 2 ;;
 		--level) level=${2:?}; shift 2 ;;
 		--keep) keep=1; shift ;;
+		--perf) profile=1; shift ;;
 		-h | --help) usage 0 ;;
 		*) log "unknown argument $1"; usage 2 >&2 ;;
 	esac
@@ -101,6 +105,7 @@ build_accelctl() {
 	[ -x "$accelctl" ] || die "$accelctl not found after the build"
 }
 
+[ -n "$profile" ] && packages+=(linux-perf)
 install_packages
 ensure_fixture
 build_accelctl
@@ -322,11 +327,11 @@ accel_phases() {
 }
 
 # best and median of the numbers given as arguments
-best() { printf '%s\n' "$@" | sort -g | head -n1; }
+best() { printf '%s\n' "$@" | sort -g | awk 'NR == 1'; }
 median() {
 	printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.2f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
-maximum() { printf '%s\n' "$@" | sort -g | tail -n1; }
+maximum() { printf '%s\n' "$@" | sort -g | awk 'END { print }'; }
 
 mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 
@@ -473,3 +478,22 @@ echo
 line "target: speedup >= ${target_speedup}x (warm, median)" "$(verdict "$speed_warm_med" ge "$target_speedup")"
 line "target: output <= ${target_size_pct}% larger" "$(verdict "$size_pct" le "$target_size_pct")"
 line "target: peak RSS < ${target_rss_mib} MiB" "$(verdict "$rss_mib" lt "$target_rss_mib")"
+
+# Not timed: where CPU time goes, per thread and function.
+profile_side() {
+	local name=$1
+	shift
+	perf record -q -F 999 -g -o "$work/perf-$name.data" -- "$@" >"$work/perf-$name.log" 2>&1 ||
+		{ tail -n 20 "$work/perf-$name.log" >&2; die "perf record of $name failed"; }
+	printf '\nwhere %s spends CPU (%% of its samples, by thread and function; top 15):\n' "$name"
+	perf report -i "$work/perf-$name.data" --no-children -g none --sort comm,dso,sym --stdio 2>/dev/null |
+		awk '/^ +[0-9.]+%/ && n++ < 15'
+}
+if [ -n "$profile" ]; then
+	log "profiling one more conversion of each side (not timed)"
+	ctr images rm "$ctr_target" >/dev/null 2>&1 || true
+	profile_side ctr-remote ctr-remote --address "$ctr_sock" --namespace bench \
+		image convert --estargz --oci --estargz-compression-level "$level" "$src_ref" "$ctr_target"
+	profile_side accelctl env NO_COLOR=1 "$accelctl" convert --config "$cold1_config" \
+		--option "compression_level=$level" --tag-suffix -esgz-perf "$src_ref"
+fi
