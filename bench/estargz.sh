@@ -362,12 +362,14 @@ EOF
 
 ctr_target=$registry/bench/debian:ctr-esgz
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
+declare -a loads=()
 declare -a ctr_secs=() ctr_rss=() ctr_cpu=() cold_secs=() cold_rss=() cold_cpu=() warm_secs=() warm_rss=() warm_cpu=()
 ctr_bytes= accel_bytes= ctr_uncompressed= accel_uncompressed=
 printf '\n%-10s %-4s %9s %9s %9s %11s %6s  %s\n' side run seconds cpu_s server_s "out_bytes" rss_MiB "notes"
 
 for i in $(seq "$runs"); do
 	load=$(cut -d' ' -f1 /proc/loadavg)
+	loads+=("$load")
 
 	# Reference: converts from containerd's content store, nothing pulled or pushed.
 	ctr images rm "$ctr_target" >/dev/null 2>&1 || true
@@ -474,6 +476,13 @@ line "speedup (ctr-remote s / accel s)" "warm: median ${speed_warm_med}x, best $
 line "CPU-time ratio (ctr-remote / warm)" "${cpu_ratio}x (less sensitive to other load on the machine)"
 line "size ratio (accel / ctr-remote)" "$size_ratio ($size_pct%)"
 line "accel peak RSS" "$rss_mib MiB (ctr-remote client: $(mib "$ctr_rss_max") MiB)"
+load_max=$(maximum "${loads[@]}" "$(cut -d' ' -f1 /proc/loadavg)")
+if awk -v l="$load_max" -v n="$(nproc)" 'BEGIN { exit !(l > n) }'; then
+	echo
+	echo "note: load average reached $load_max on $(nproc) core(s). With more runnable threads than cores each"
+	echo "      process gets CPU in proportion to its runnable threads, so wall-time ratios depend on"
+	echo "      the other load; the CPU-time ratio does not. Rerun when the machine is quieter."
+fi
 echo
 line "target: speedup >= ${target_speedup}x (warm, median)" "$(verdict "$speed_warm_med" ge "$target_speedup")"
 line "target: output <= ${target_size_pct}% larger" "$(verdict "$size_pct" le "$target_size_pct")"
