@@ -23,7 +23,7 @@ pub trait MemberSink<M> {
 const JOB_TARGET_BYTES: usize = 1 << 20;
 /// Uncompressed bytes in flight (queued, compressing, or compressed but not yet written)
 /// beyond which the producer waits, once every worker has a job.
-const IN_FLIGHT_BUDGET_BYTES: usize = 64 << 20;
+pub(super) const IN_FLIGHT_BUDGET_BYTES: usize = 64 << 20;
 
 struct Job<M> {
     seq: u64,
