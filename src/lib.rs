@@ -16,3 +16,6 @@ pub mod sources;
 pub mod store;
 
 pub use api::run;
+
+/// `VERSION (COMMIT)`, as `--version` prints it; the commit is `unknown` outside a git checkout.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("ACCEL_GIT_COMMIT"), ")");

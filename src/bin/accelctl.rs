@@ -16,7 +16,7 @@ use accel::pipeline::{BarProgress, Conversion, ConvertRequest, ConvertResult, Co
 use accel::registry::RegistryClient;
 
 #[derive(Parser)]
-#[command(name = "accelctl", version, about = "Convert container images to lazily pullable formats")]
+#[command(name = "accelctl", version = accel::VERSION, about = "Convert container images to lazily pullable formats")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

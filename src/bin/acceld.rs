@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use accel::config::Config;
 
 #[derive(Parser)]
-#[command(name = "acceld", version, about = "Convert every pushed image to lazily pullable formats")]
+#[command(name = "acceld", version = accel::VERSION, about = "Convert every pushed image to lazily pullable formats")]
 struct Args {
     /// Config file.
     #[arg(long, short, default_value = "pipelines.yaml")]
@@ -31,7 +31,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    tracing::info!("Version: {}", env!("CARGO_PKG_VERSION"));
+    tracing::info!("Version: {}", accel::VERSION);
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();
