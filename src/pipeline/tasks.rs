@@ -398,7 +398,11 @@ fn write_loop(db: &Database, mut rx: mpsc::Receiver<Op>) {
             }
         }
         let mut done = Vec::with_capacity(batch.len());
+        let ops = batch.len();
+        let started = std::time::Instant::now();
         let result = apply(db, batch, &mut done);
+        // How well commits are grouped, and what the disk makes each caller wait.
+        tracing::debug!(ops, took_us = started.elapsed().as_micros() as u64, "task database commit");
         if let Err(e) = &result {
             tracing::error!("task database write failed: {e}");
         }
