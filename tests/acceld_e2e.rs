@@ -230,10 +230,20 @@ async fn harbor_payloads_convert_and_the_result_verifies() {
     let converted = reg.tag_digest("library/debian", "bookworm-esgz").expect("bookworm-esgz pushed");
     assert_eq!(body["tasks"][0]["targets"][0]["digest"], converted.as_str(), "{body}");
     verify_estargz(&reg, "library/debian", "bookworm-esgz", &debian);
+    // The acceleration service's lines, which existing log searches look for.
     let log = d.log();
-    for line in ["received webhook request from 127.0.0.1:", "POST /api/v1/conversions?sync=true 200", "pulling image", "converted image"] {
-        assert!(log.contains(line), "log lacks {line:?}:\n{log}");
+    for line in [
+        format!("[API] HTTP server started on 127.0.0.1:{}\n", d.port),
+        "received webhook request from 127.0.0.1:".into(),
+        "POST /api/v1/conversions?sync=true 200".into(),
+        format!("pulling image {}", debian.reference),
+        format!("converting image {}", debian.reference),
+        format!("converted image {}-esgz module=converter", debian.reference),
+        format!("pushed image {}-esgz module=converter", debian.reference),
+    ] {
+        assert!(log.contains(&line), "log lacks {line:?}:\n{log}");
     }
+    assert!(log.lines().any(|l| l.contains("received webhook request from 127.0.0.1:") && l.ends_with(" module=api")), "{log}");
 
     // CloudEvents, naming the image by digest only.
     let other = handmade_image().build().push(&reg.host(), "library/other:v2");
