@@ -9,9 +9,9 @@
 //! ```
 //!
 //! HTTP/1.1 is spoken directly on the socket so that the client costs little CPU next to the
-//! server on the same machine. With `--rate`, requests are scheduled at fixed intervals and
-//! latency counts from the scheduled time, so a server that falls behind shows it in the
-//! percentiles (no coordinated omission).
+//! server on the same machine. With `--rate`, requests are scheduled at fixed intervals; one
+//! that is due while every connection still waits for an answer is timed from its scheduled
+//! time, so a server that falls behind shows it in the percentiles (no coordinated omission).
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -114,11 +114,19 @@ async fn load(args: &Args) -> Result<Vec<String>> {
                 if i >= args.events {
                     return Ok::<_, anyhow::Error>(samples);
                 }
-                let due = if args.rate > 0 { start + Duration::from_secs_f64(i as f64 / args.rate as f64) } else { Instant::now() };
-                tokio::time::sleep_until(due.into()).await;
                 let body = event(&args, i);
+                // A request already due when a connection takes it waited for acceld to answer
+                // earlier ones, and that wait counts. One not yet due is timed from when it is
+                // sent, so that the timer waking late (by up to a millisecond) does not count.
+                let due = if args.rate > 0 { start + Duration::from_secs_f64(i as f64 / args.rate as f64) } else { Instant::now() };
+                let sent = if Instant::now() >= due {
+                    due
+                } else {
+                    tokio::time::sleep_until(due.into()).await;
+                    Instant::now()
+                };
                 let (status, body) = conn.request("POST", "/api/v1/conversions", args.auth.as_deref(), Some(&body)).await?;
-                samples.push(Sample { latency: due.elapsed(), status, body });
+                samples.push(Sample { latency: sent.elapsed(), status, body });
             }
         }));
     }
