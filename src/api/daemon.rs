@@ -72,7 +72,7 @@ pub async fn serve(config: Config, runner: Arc<dyn Runner>, listener: TcpListene
     .await?;
     let app = router(AppState::new(&config, workers.clone())).into_make_service_with_connect_info::<SocketAddr>();
     let addr = listener.local_addr().map_err(RunError::Serve)?;
-    tracing::info!(module = %"api", "[API] HTTP server started on {addr}");
+    tracing::info!("[API] HTTP server started on {addr}");
     let stop_http = shutdown.clone();
     let server = tokio::spawn(async move {
         axum::serve(listener, app).with_graceful_shutdown(async move { stop_http.cancelled().await }).await

@@ -47,7 +47,7 @@ pub struct LogProgress {
 
 impl Progress for LogProgress {
     fn stage(&self, stage: Stage, reference: &Reference) {
-        tracing::info!(module = "converter", "{} {}", stage.verb(), reference);
+        tracing::info!(module = %"converter", "{} {}", stage.verb(), reference);
     }
     fn add_steps(&self, steps: u64) {
         self.counts.lock().unwrap().1 += steps;
@@ -58,7 +58,7 @@ impl Progress for LogProgress {
             c.0 += 1;
             *c
         };
-        tracing::info!(module = "converter", "[{done}/{total}] {what}");
+        tracing::info!(module = %"converter", "[{done}/{total}] {what}");
     }
 }
 

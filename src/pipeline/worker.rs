@@ -274,7 +274,9 @@ impl Workers {
             for ((ins, permit), r) in inserted.into_iter().zip(permits).zip(&routed) {
                 match ins {
                     Inserted::Created(task) => {
-                        tracing::info!(module = %"api", task = %task.id, pipeline = %task.pipeline, "created task for {}", task.source);
+                        // Debug: per request the acceleration service logs only that it
+                        // received it and how it was answered; the task's own lines follow.
+                        tracing::debug!(module = %"api", task = %task.id, pipeline = %task.pipeline, "created task for {}", task.source);
                         shared.metrics.task_started(&task.pipeline, &driver_names(&r.plan), true);
                         permit.send(task.id);
                         out.push(Submitted { task, created: true });

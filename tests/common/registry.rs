@@ -122,6 +122,20 @@ impl RegistryServer {
     pub fn blob_data_path(&self, hex: &str) -> PathBuf {
         self.dir.path().join("data/docker/registry/v2/blobs/sha256").join(&hex[..2]).join(hex).join("data")
     }
+
+    /// The manifest digest tag `repo:tag` points at, as the registry stored it; `None` when
+    /// the tag does not exist.
+    pub fn tag_digest(&self, repo: &str, tag: &str) -> Option<String> {
+        let link = self
+            .dir
+            .path()
+            .join("data/docker/registry/v2/repositories")
+            .join(repo)
+            .join("_manifests/tags")
+            .join(tag)
+            .join("current/link");
+        std::fs::read_to_string(link).ok().map(|s| s.trim().to_string())
+    }
 }
 
 impl Drop for RegistryServer {
