@@ -326,11 +326,13 @@ async fn kill_9_mid_conversion_then_restart_completes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_the_running_conversion_and_exits() {
-    let (reg, _dir, mut d) = setup(6).await;
-    let term = handmade_image().build().push(&reg.host(), "library/term:1");
+    // The Debian image at level 9 takes seconds to convert, so the signal lands mid-way.
+    let (reg, _dir, mut d) = setup(9).await;
+    let term = debian_image("amd64").build().push(&reg.host(), "library/term:1");
     let (status, _) = d.post_push(&term, false).await;
     assert_eq!(status, 200);
-    d.wait_for_log("pulling image", Duration::from_secs(60)).await;
+    d.wait_for_log("converting image", Duration::from_secs(60)).await;
+    assert!(reg.tag_digest("library/term", "1-esgz").is_none(), "the conversion ended before the signal");
     let status = d.sigterm();
     assert!(status.success(), "exit {status}:\n{}", d.log());
     assert!(reg.tag_digest("library/term", "1-esgz").is_some(), "the running conversion finished:\n{}", d.log());
