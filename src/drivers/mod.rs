@@ -5,6 +5,7 @@
 
 pub mod compression;
 pub mod estargz;
+pub mod members;
 pub mod tar;
 
 use std::collections::BTreeMap;
