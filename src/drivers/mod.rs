@@ -8,6 +8,9 @@ pub mod estargz;
 pub mod members;
 pub mod tar;
 
+#[cfg(test)]
+pub(crate) mod testutil;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::{Read, Write};
