@@ -66,6 +66,13 @@ impl Zstd {
         c.set_parameter(zstd::stream::raw::CParameter::ChecksumFlag(true))?;
         Ok(Zstd(c))
     }
+
+    /// Caps the window at `2^log` bytes, which also caps the memory of the compressor (its
+    /// tables follow the window): members larger than the window compress a little worse.
+    pub fn window_log(mut self, log: u32) -> Result<Self, DriverError> {
+        self.0.set_parameter(zstd::stream::raw::CParameter::WindowLog(log))?;
+        Ok(self)
+    }
 }
 
 impl Codec for Zstd {
