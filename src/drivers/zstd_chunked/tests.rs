@@ -221,7 +221,7 @@ fn check_blob(src: &[u8], blob: &[u8], out: &LayerOutput) -> Parsed {
 // ---------------------------------------------------------------------------------------------
 // Reference reader
 
-/// The blob with the footer containers/storage wrote before version 1.50 (40 bytes, magic
+/// The blob with the footer containers/storage wrote before version 1.47 (40 bytes, magic
 /// `GnUlInUx`, no tar-split fields) instead of the current one. layercheck is built from
 /// Debian's containers/storage 1.43 and finds the manifest only through that footer; the TOC,
 /// the tar-split and every data frame stay where they are, and containers/storage's reader (old

@@ -13,7 +13,8 @@ use crate::oci::{Digest, Hasher};
 pub const MANIFEST_TYPE_CRFS: u64 = 1;
 /// Payload of the last skippable frame.
 pub const FOOTER_SIZE: usize = 64;
-/// Ends the footer. (containers/storage before 1.50 wrote `GnUlInUx` in a 40-byte footer.)
+/// Ends the footer. (Before 1.50, containers/storage wrote `GnUlInUx`; before 1.47, in a 40-byte
+/// footer without the tar-split fields.)
 pub const FOOTER_MAGIC: [u8; 8] = *b"GNUlInUx";
 /// Magic number and size field in front of a skippable frame's payload.
 pub const SKIPPABLE_HEADER_SIZE: u64 = 8;
