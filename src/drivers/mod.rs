@@ -5,7 +5,12 @@
 
 pub mod compression;
 pub mod estargz;
+pub mod members;
 pub mod tar;
+pub mod zstd_chunked;
+
+#[cfg(test)]
+pub(crate) mod testutil;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -22,14 +27,16 @@ use crate::oci::Digest;
 #[serde(rename_all = "lowercase")]
 pub enum DriverKind {
     Estargz,
+    ZstdChunked,
 }
 
 impl DriverKind {
-    pub const ALL: [DriverKind; 1] = [DriverKind::Estargz];
+    pub const ALL: [DriverKind; 2] = [DriverKind::Estargz, DriverKind::ZstdChunked];
 
     pub fn as_str(self) -> &'static str {
         match self {
             DriverKind::Estargz => "estargz",
+            DriverKind::ZstdChunked => "zstdchunked",
         }
     }
 
@@ -37,6 +44,7 @@ impl DriverKind {
     pub fn default_tag_suffix(self) -> &'static str {
         match self {
             DriverKind::Estargz => "-esgz",
+            DriverKind::ZstdChunked => "-zstdchunked",
         }
     }
 
@@ -49,6 +57,11 @@ impl DriverKind {
                 let opts: estargz::EstargzOptions = serde_path_to_error::deserialize(options)
                     .map_err(|e| DriverError::Options { driver: self, why: e.to_string() })?;
                 Ok(Arc::new(estargz::Estargz::new(opts)?))
+            }
+            DriverKind::ZstdChunked => {
+                let opts: zstd_chunked::ZstdChunkedOptions = serde_path_to_error::deserialize(options)
+                    .map_err(|e| DriverError::Options { driver: self, why: e.to_string() })?;
+                Ok(Arc::new(zstd_chunked::ZstdChunked::new(opts)?))
             }
         }
     }
@@ -97,16 +110,23 @@ pub trait Driver: Send + Sync {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
-    #[error("unknown driver {0:?}; known drivers: estargz")]
+    #[error("unknown driver {0:?}; known drivers: {known}", known = known_drivers())]
     Unknown(String),
     #[error("invalid options for driver {driver}: {why}")]
     Options { driver: DriverKind, why: String },
     #[error("source layer is not a valid tar stream at byte {offset}: {why}")]
     InvalidTar { offset: u64, why: String },
+    /// A valid tar stream holding something the target format cannot represent.
+    #[error("source layer cannot be written as {driver} (tar entry at byte {offset}): {why}")]
+    Unsupported { driver: DriverKind, offset: u64, why: String },
     #[error("source layer could not be decompressed: {0}")]
     Decompress(String),
     #[error("I/O error while converting a layer: {0}")]
     Io(#[from] std::io::Error),
+}
+
+fn known_drivers() -> String {
+    DriverKind::ALL.map(DriverKind::as_str).join(", ")
 }
 
 #[cfg(test)]
@@ -121,6 +141,10 @@ mod tests {
             assert_eq!(json, format!("\"{}\"", k.as_str()));
             assert_eq!(serde_json::from_str::<DriverKind>(&json).unwrap(), k);
         }
-        assert!("gzip".parse::<DriverKind>().is_err());
+        let unknown = "gzip".parse::<DriverKind>().unwrap_err().to_string();
+        assert!(unknown.contains("estargz, zstdchunked"), "{unknown}");
+        assert_eq!(DriverKind::ZstdChunked.as_str(), "zstdchunked");
+        assert_eq!(DriverKind::ZstdChunked.default_tag_suffix(), "-zstdchunked");
+        assert_eq!(serde_json::from_str::<DriverKind>("\"zstdchunked\"").unwrap(), DriverKind::ZstdChunked);
     }
 }

@@ -91,9 +91,19 @@ pub struct Header {
     pub dev_minor: i64,
     /// From PAX `SCHILY.xattr.*` and `LIBARCHIVE.xattr.*` records (SCHILY wins on a clash).
     pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// The PAX `SCHILY.xattr.*` records alone, empty values included: what Go keeps in
+    /// `Header.PAXRecords`, which is where containers/storage takes xattrs from.
+    pub schily_xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Access and change times as Go reads them (PAX `atime`/`ctime`, else the GNU or star
+    /// header fields), as (seconds, nanoseconds); `None` where the archive has none.
+    pub atime: Option<(i64, u32)>,
+    pub ctime: Option<(i64, u32)>,
     /// The payload is a GNU sparse encoding (old GNU `S` type or PAX `GNU.sparse.*` records),
     /// not the file's bytes.
     pub gnu_sparse: bool,
+    /// A PAX global header (type `g`) comes just before this entry; its raw bytes are part of
+    /// the entry's, its records are not applied. Go's reader returns it as an entry of its own.
+    pub after_global_header: bool,
 }
 
 impl Header {
@@ -163,6 +173,12 @@ impl<R: Read> TarReader<R> {
         self.inner.into_inner()
     }
 
+    /// Whatever follows the last byte read (after the end-of-archive marker: the padding some
+    /// writers add to fill a record, or trailing data), buffered bytes included.
+    pub fn into_rest(self) -> BufReader<R> {
+        self.inner
+    }
+
     /// The next entry, or `None` at the end of the archive: two zero blocks, one zero block and
     /// then end of input, or end of input at an entry boundary.
     pub fn next_entry(&mut self) -> Result<Option<Entry>, DriverError> {
@@ -180,6 +196,7 @@ impl<R: Read> TarReader<R> {
         let mut pax = Pax::default();
         let mut long_name: Option<Vec<u8>> = None;
         let mut long_link: Option<Vec<u8>> = None;
+        let mut after_global_header = false;
         loop {
             let block_offset = self.pos;
             let Some(block) = self.read_block()? else {
@@ -237,7 +254,10 @@ impl<R: Read> TarReader<R> {
                         b'x' => pax.parse(data, block_offset)?,
                         // Global records are checked but not applied: Go's reader, and so every
                         // reference reader, ignores them too, and we must list what they list.
-                        b'g' => Pax::default().parse(data, block_offset)?,
+                        b'g' => {
+                            after_global_header = true;
+                            Pax::default().parse(data, block_offset)?
+                        }
                         b'L' => long_name = Some(until_nul(data).to_vec()),
                         _ => long_link = Some(until_nul(data).to_vec()),
                     }
@@ -245,6 +265,7 @@ impl<R: Read> TarReader<R> {
                 _ => {
                     let mut header = parse_header(&block, block_offset)?;
                     pax.apply(&mut header);
+                    header.after_global_header = after_global_header;
                     if let Some(name) = long_name {
                         header.name = name;
                     }
@@ -569,7 +590,11 @@ fn parse_header(block: &[u8; BLOCK_SIZE], offset: u64) -> Result<Header, DriverE
         dev_major: 0,
         dev_minor: 0,
         xattrs: BTreeMap::new(),
+        schily_xattrs: BTreeMap::new(),
+        atime: None,
+        ctime: None,
         gnu_sparse: false,
+        after_global_header: false,
     };
     let ustar = &block[257..263] == b"ustar\0";
     if ustar || is_gnu(block) {
@@ -578,9 +603,21 @@ fn parse_header(block: &[u8; BLOCK_SIZE], offset: u64) -> Result<Header, DriverE
         header.dev_major = numeric(&block[329..337], "devmajor", offset)?;
         header.dev_minor = numeric(&block[337..345], "devminor", offset)?;
     }
+    let star = ustar && &block[508..512] == b"tar\0";
+    if star {
+        header.atime = parse_numeric(&block[476..488]).map(|t| (t, 0));
+        header.ctime = parse_numeric(&block[488..500]).map(|t| (t, 0));
+    } else if is_gnu(block) {
+        // Go reads these only when set, and drops both when either is not a number (archives
+        // from old Go writers put a name prefix there).
+        let time = |field: &[u8]| if field[0] == 0 { Some(None) } else { parse_numeric(field).map(|t| Some((t, 0))) };
+        if let (Some(atime), Some(ctime)) = (time(&block[345..357]), time(&block[357..369])) {
+            (header.atime, header.ctime) = (atime, ctime);
+        }
+    }
     if ustar {
         // The star variant (trailer "tar\0") keeps times after a shorter prefix.
-        let prefix = if &block[508..512] == b"tar\0" { &block[345..476] } else { &block[345..500] };
+        let prefix = if star { &block[345..476] } else { &block[345..500] };
         let prefix = until_nul(prefix);
         if !prefix.is_empty() {
             let mut name = prefix.to_vec();
@@ -603,7 +640,11 @@ struct Pax {
     uname: Option<Vec<u8>>,
     gname: Option<Vec<u8>>,
     mtime: Option<(i64, u32)>,
+    atime: Option<(i64, u32)>,
+    ctime: Option<(i64, u32)>,
     schily_xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Every `SCHILY.xattr.*` record, empty ones too.
+    schily_records: BTreeMap<Vec<u8>, Vec<u8>>,
     libarchive_xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
     sparse: bool,
 }
@@ -631,6 +672,9 @@ impl Pax {
     }
 
     fn record(&mut self, key: &[u8], value: &[u8], offset: u64) -> Result<(), DriverError> {
+        if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+            self.schily_records.insert(name.to_vec(), value.to_vec());
+        }
         // Go keeps the header's own field when a record's value is empty, and drops empty
         // xattrs the same way; we follow it so listings agree.
         if value.is_empty() {
@@ -660,10 +704,15 @@ impl Pax {
                 }
                 self.size = Some(size as u64);
             }
-            b"mtime" => {
-                let mtime = parse_pax_time(text()?)
-                    .ok_or_else(|| invalid(offset, "PAX record mtime is not a decimal time"))?;
-                self.mtime = Some(mtime);
+            b"mtime" | b"atime" | b"ctime" => {
+                let what = String::from_utf8_lossy(key);
+                let time = parse_pax_time(text()?)
+                    .ok_or_else(|| invalid(offset, format!("PAX record {what} is not a decimal time")))?;
+                match key {
+                    b"mtime" => self.mtime = Some(time),
+                    b"atime" => self.atime = Some(time),
+                    _ => self.ctime = Some(time),
+                }
             }
             _ => {
                 if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
@@ -713,8 +762,15 @@ impl Pax {
             header.mtime = secs;
             header.mtime_nanos = nanos;
         }
+        if self.atime.is_some() {
+            header.atime = self.atime;
+        }
+        if self.ctime.is_some() {
+            header.ctime = self.ctime;
+        }
         header.xattrs = self.libarchive_xattrs;
         header.xattrs.extend(self.schily_xattrs);
+        header.schily_xattrs = self.schily_records;
         header.gnu_sparse |= self.sparse;
     }
 }
@@ -909,6 +965,77 @@ mod tests {
     }
 
     #[test]
+    fn access_and_change_times_and_raw_schily_records_as_go_reads_them() {
+        let mut records = pax_record("atime", b"1600000000.5");
+        records.extend(pax_record("ctime", b"1600000001"));
+        records.extend(pax_record("SCHILY.xattr.user.empty", b""));
+        records.extend(pax_record("SCHILY.xattr.user.set", b"v"));
+        records.extend(pax_record("LIBARCHIVE.xattr.user.lib", b"dmFsdWU="));
+        let mut b = tar::Builder::new(Vec::new());
+        let mut x = tar::Header::new_ustar();
+        x.set_path("PaxHeaders/f").unwrap();
+        x.set_entry_type(tar::EntryType::XHeader);
+        x.set_size(records.len() as u64);
+        x.set_cksum();
+        b.append(&x, &records[..]).unwrap();
+        b.append_data(&mut file_header("f", 1), "f", &b"x"[..]).unwrap();
+        // GNU headers carry times of their own; zero fields mean "not recorded".
+        let mut gnu = tar::Header::new_gnu();
+        gnu.set_size(0);
+        gnu.set_mode(0o644);
+        gnu.as_gnu_mut().unwrap().set_atime(1_500_000_000);
+        b.append_data(&mut gnu, "g", io::empty()).unwrap();
+        let mut plain_gnu = tar::Header::new_gnu();
+        plain_gnu.set_size(0);
+        b.append_data(&mut plain_gnu, "h", io::empty()).unwrap();
+        let data = b.into_inner().unwrap();
+
+        let list = entries(&data).unwrap();
+        let f = &list[0].0.header;
+        assert_eq!(f.atime, Some((1_600_000_000, 500_000_000)));
+        assert_eq!(f.ctime, Some((1_600_000_001, 0)));
+        let schily: Vec<(&[u8], &[u8])> = f.schily_xattrs.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+        assert_eq!(schily, [(&b"user.empty"[..], &b""[..]), (b"user.set", b"v")]);
+        assert!(!f.xattrs.contains_key(&b"user.empty"[..]));
+        assert!(f.xattrs.contains_key(&b"user.lib"[..]));
+        assert_eq!((list[1].0.header.atime, list[1].0.header.ctime), (Some((1_500_000_000, 0)), None));
+        assert_eq!((list[2].0.header.atime, list[2].0.header.ctime), (None, None));
+        assert!(!f.after_global_header);
+
+        let mut bad = pax_record("ctime", b"yesterday");
+        bad.extend_from_slice(&[0; 512]);
+        let mut x = tar::Header::new_ustar();
+        x.set_path("PaxHeaders/f").unwrap();
+        x.set_entry_type(tar::EntryType::XHeader);
+        x.set_size(bad.len() as u64 - 512);
+        x.set_cksum();
+        let mut data = x.as_bytes().to_vec();
+        data.extend_from_slice(&bad[..bad.len() - 512]);
+        data.resize(1024, 0);
+        data.extend_from_slice(file_header("f", 0).as_bytes());
+        match entries(&data) {
+            Err(DriverError::InvalidTar { why, .. }) => assert!(why.contains("ctime"), "{why}"),
+            other => panic!("expected InvalidTar, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_rest_after_the_end_marker_can_be_read() {
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_data(&mut file_header("f", 3), "f", &b"abc"[..]).unwrap();
+        let mut data = b.into_inner().unwrap();
+        data.extend_from_slice(b"trailing bytes");
+        let mut tr = TarReader::new(&data[..]);
+        tr.next_entry().unwrap();
+        let before = tr.position();
+        assert!(tr.next_entry().unwrap().is_none());
+        assert_eq!(tr.position() - before, 512 + 1024, "payload, padding and the end marker");
+        let mut rest = Vec::new();
+        tr.into_rest().read_to_end(&mut rest).unwrap();
+        assert_eq!(rest, b"trailing bytes");
+    }
+
+    #[test]
     fn global_pax_headers_are_kept_but_not_applied() {
         let records = pax_record("uname", b"global-user");
         let mut g = tar::Header::new_ustar();
@@ -924,6 +1051,7 @@ mod tests {
         assert_eq!(list.len(), 1);
         assert_eq!(list[0].0.header.name, b"f");
         assert!(list[0].0.header.uname.is_empty(), "Go's reader ignores global records; so do we");
+        assert!(list[0].0.header.after_global_header);
         assert_eq!(list[0].0.raw_header.len(), 3 * 512);
         assert_eq!(reassemble(&list), data[..data.len() - 1024]);
     }

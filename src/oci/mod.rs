@@ -49,6 +49,12 @@ pub mod annotations {
     pub const ESTARGZ_TOC_DIGEST: &str = "containerd.io/snapshot/stargz/toc.digest";
     /// eStargz: size of the decompressed layer blob.
     pub const ESTARGZ_UNCOMPRESSED_SIZE: &str = "io.containers.estargz.uncompressed-size";
+    /// zstd:chunked: digest of the compressed TOC (the manifest) as stored in the blob.
+    pub const ZSTD_CHUNKED_MANIFEST_CHECKSUM: &str = "io.github.containers.zstd-chunked.manifest-checksum";
+    /// zstd:chunked: where the TOC is, `offset:length:uncompressed_length:type` (type 1).
+    pub const ZSTD_CHUNKED_MANIFEST_POSITION: &str = "io.github.containers.zstd-chunked.manifest-position";
+    /// zstd:chunked: where the tar-split is, `offset:length:uncompressed_length`.
+    pub const ZSTD_CHUNKED_TARSPLIT_POSITION: &str = "io.github.containers.zstd-chunked.tarsplit-position";
     /// On a converted manifest: the manifest digest it was converted from.
     pub const SOURCE_DIGEST: &str = "io.accel.source.digest";
     /// On a converted manifest: the reference it was converted from.

@@ -5,7 +5,6 @@
 //! end-of-archive marker at the end; every piece sits in gzip members laid out as
 //! stargz-snapshotter's writer lays them out, so its reader and any gzip/tar tool can read it.
 
-mod members;
 mod order;
 mod toc;
 mod writer;

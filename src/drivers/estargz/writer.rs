@@ -11,8 +11,8 @@ use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::thread::Scope;
 
-use super::members::{MemberSink, Members};
 use super::toc::{self, TocEntry, TocWriter, TOC_NAME};
+use crate::drivers::members::{Gzip, MemberSink, Members};
 use crate::drivers::tar::{self, Entry, TarReader, BLOCK_SIZE};
 use crate::drivers::{DriverError, LayerOutput};
 use crate::oci::{annotations, media_types, Digest, Hasher};
@@ -42,7 +42,7 @@ impl<'o> LayerWriter<'o> {
         out: &'o mut dyn Write,
     ) -> Result<Self, DriverError> {
         Ok(LayerWriter {
-            members: Members::start(scope, workers, level)?,
+            members: Members::start(scope, workers, || Gzip::new(level))?,
             out: Output {
                 w: out,
                 offset: 0,
