@@ -79,7 +79,7 @@ impl Estargz {
         // A worker holds up to one chunk of input and its output; capping the workers keeps
         // that within the in-flight budget however many cores the machine has.
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let fit = (members::IN_FLIGHT_BUDGET_BYTES as u64 / (2 * chunk.bytes())).max(1) as usize;
+        let fit = (crate::drivers::members::IN_FLIGHT_BUDGET_BYTES as u64 / (2 * chunk.bytes())).max(1) as usize;
         let workers = cores.min(fit);
         Ok(Estargz { options, workers })
     }
