@@ -306,3 +306,36 @@ fn base64_encode(s: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(s)
 }
+
+#[test]
+fn several_formats_from_one_command() {
+    let server = RegistryServer::start(RegistryAuth::None);
+    let pushed = handmade_image().build().push(&server.host(), "hand/multi:v1");
+    let ws = Workspace::new("");
+    let result = ws.convert_json(&["--driver", "estargz,zstdchunked", &pushed.reference]);
+    let targets = result["targets"].as_array().unwrap();
+    let drivers: Vec<&str> = targets.iter().map(|t| t["driver"].as_str().unwrap()).collect();
+    assert_eq!(drivers, ["estargz", "zstdchunked"]);
+    assert_eq!(targets[1]["reference"], format!("{}-zstdchunked", pushed.reference));
+
+    let (reference, manifest) = target_manifest(&server, &result, 0);
+    verify_estargz_image(&server, &reference, &manifest, &pushed.image);
+
+    // zstd:chunked is lossless: each layer decompresses to the source tar, so diff_ids stay.
+    let (reference, manifest) = target_manifest(&server, &result, 1);
+    assert_eq!(manifest["annotations"]["io.accel.driver"].as_str().unwrap().split('/').next(), Some("zstdchunked"));
+    let config: Value = serde_json::from_slice(&std::fs::read(server.blob_data_path(hex_of(manifest["config"]["digest"].as_str().unwrap()))).unwrap()).unwrap();
+    assert_eq!(config["rootfs"]["diff_ids"], pushed.image.config_json()["rootfs"]["diff_ids"], "{reference}");
+    for (layer, src) in manifest["layers"].as_array().unwrap().iter().zip(pushed.layers()) {
+        assert_eq!(layer["mediaType"], "application/vnd.oci.image.layer.v1.tar+zstd");
+        for key in ["manifest-checksum", "manifest-position", "tarsplit-position"] {
+            let k = format!("io.github.containers.zstd-chunked.{key}");
+            assert!(layer["annotations"][&k].is_string(), "{reference}: layer lacks {k}");
+        }
+        let blob = std::fs::File::open(server.blob_data_path(hex_of(layer["digest"].as_str().unwrap()))).unwrap();
+        let mut decoded = zstd::stream::read::Decoder::new(blob).unwrap();
+        let mut h = Sha256::new();
+        std::io::copy(&mut decoded, &mut h).unwrap();
+        assert_eq!(format!("sha256:{}", hex::encode(h.finalize())), src.diff_id, "{reference}: decompressed layer differs from the source");
+    }
+}
