@@ -1,9 +1,11 @@
-//! Converts one layer file to eStargz and reports throughput, for measuring speed and peak memory
-//! (`/usr/bin/time -v`) on real or synthetic layers.
+//! Converts one layer file with any driver and reports throughput, for measuring speed and peak
+//! memory (`/usr/bin/time -v`) on real or synthetic layers. Annotations are printed as
+//! `KEY VALUE` lines, ready for `layercheck estargz` / `layercheck zstdchunked`.
 //!
 //! ```sh
-//! cargo build --release --example estargz_convert
-//! /usr/bin/time -v target/release/examples/estargz_convert --synthetic-mb 300 /tmp/src.tar /tmp/out.esgz
+//! cargo build --release --example convert_layer
+//! /usr/bin/time -v target/release/examples/convert_layer --synthetic-mb 300 /tmp/src.tar /tmp/out.esgz
+//! target/release/examples/convert_layer --driver zstdchunked -o compression_level=10 layer.tar /tmp/out.zst
 //! ```
 
 use std::fs::File;
@@ -11,9 +13,7 @@ use std::io::{self, BufWriter, Read};
 use std::path::PathBuf;
 use std::time::Instant;
 
-use accel::config::ByteSize;
-use accel::drivers::estargz::{Estargz, EstargzOptions};
-use accel::drivers::{compression, Driver};
+use accel::drivers::{compression, DriverKind};
 use anyhow::{Context, Result};
 use clap::Parser;
 
@@ -21,18 +21,16 @@ use clap::Parser;
 struct Args {
     /// Source layer: tar, tar+gzip or tar+zstd. Written first when --synthetic-mb is given.
     input: PathBuf,
-    /// Where the eStargz blob goes.
+    /// Where the converted blob goes.
     output: PathBuf,
     /// Write a synthetic layer of about this many MB of mixed files to INPUT first.
     #[arg(long)]
     synthetic_mb: Option<u64>,
-    #[arg(long, default_value_t = 9)]
-    level: u32,
-    #[arg(long, default_value = "4MiB")]
-    chunk_size: ByteSize,
-    /// Comma-separated paths to put first.
-    #[arg(long, value_delimiter = ',')]
-    prioritized: Vec<String>,
+    #[arg(long, default_value = "estargz")]
+    driver: DriverKind,
+    /// Driver option KEY=VALUE, as `accelctl convert --option` takes it.
+    #[arg(long = "option", short = 'o')]
+    options: Vec<String>,
 }
 
 fn main() -> Result<()> {
@@ -42,12 +40,13 @@ fn main() -> Result<()> {
         let size = synthetic_layer(&args.input, mb << 20)?;
         eprintln!("wrote synthetic layer {} ({size} bytes) in {:.1?}", args.input.display(), started.elapsed());
     }
-    let options = EstargzOptions {
-        compression_level: args.level,
-        chunk_size_bytes: args.chunk_size,
-        prioritized_files: args.prioritized,
-    };
-    let driver = Estargz::new(options)?;
+    let mut options = serde_json::Map::new();
+    for opt in &args.options {
+        let (k, v) = opt.split_once('=').with_context(|| format!("--option {opt:?} is not KEY=VALUE"))?;
+        let v = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.to_string()));
+        options.insert(k.to_string(), v);
+    }
+    let driver = args.driver.build(&serde_json::Value::Object(options))?;
     let source = File::open(&args.input).with_context(|| format!("opening {}", args.input.display()))?;
     let mut input = compression::decompressed(source, None)?;
     let mut output = BufWriter::new(
