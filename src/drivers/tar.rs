@@ -56,6 +56,21 @@ impl EntryType {
 
     /// Types whose size field is ignored: they never have a payload (as GNU tar and Go read
     /// them), even when a writer put a non-zero size there.
+    /// The entry type name the TOCs of eStargz and zstd:chunked use (Go's `archive/tar` types);
+    /// `None` for types neither format can describe.
+    pub fn toc_name(self) -> Option<&'static str> {
+        Some(match self {
+            EntryType::Regular => "reg",
+            EntryType::HardLink => "hardlink",
+            EntryType::Symlink => "symlink",
+            EntryType::Char => "char",
+            EntryType::Block => "block",
+            EntryType::Directory => "dir",
+            EntryType::Fifo => "fifo",
+            EntryType::Other(_) => return None,
+        })
+    }
+
     pub fn is_header_only(self) -> bool {
         matches!(
             self,

@@ -6,7 +6,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use base64::Engine as _;
 use serde::Serialize;
 
-use crate::drivers::tar::{EntryType, Header};
+use crate::drivers::tar::Header;
 use crate::oci::{Digest, Hasher};
 
 pub const TOC_NAME: &str = "stargz.index.json";
@@ -66,19 +66,6 @@ fn is_zero_i64(v: &i64) -> bool {
     *v == 0
 }
 
-/// TOC type of a tar entry type; `None` for types eStargz cannot describe.
-pub fn toc_type(t: EntryType) -> Option<&'static str> {
-    Some(match t {
-        EntryType::Regular => "reg",
-        EntryType::HardLink => "hardlink",
-        EntryType::Symlink => "symlink",
-        EntryType::Char => "char",
-        EntryType::Block => "block",
-        EntryType::Directory => "dir",
-        EntryType::Fifo => "fifo",
-        EntryType::Other(_) => return None,
-    })
-}
 
 impl TocEntry {
     /// The TOC record of a tar entry, without its data fields (offset, digests, chunking).

@@ -71,7 +71,7 @@ impl<'o> LayerWriter<'o> {
     /// Writes `entry` (just read from `tr`) with its raw header bytes, payload and padding.
     pub fn add_entry<R: Read>(&mut self, tr: &mut TarReader<R>, entry: &Entry) -> Result<(), DriverError> {
         let h = &entry.header;
-        let kind = match toc::toc_type(h.entry_type) {
+        let kind = match h.entry_type.toc_name() {
             Some(kind) if !h.gnu_sparse => kind,
             _ => {
                 return Err(DriverError::InvalidTar {

@@ -19,7 +19,7 @@ use super::tarsplit::{Crc64, TarSplitWriter};
 use super::toc::{self, Position, TocEntry, TocWriter, CHUNK_TYPE_ZEROS, SKIPPABLE_HEADER_SIZE, TYPE_REG};
 use crate::drivers::compression;
 use crate::drivers::members::{MemberSink, Members, Zstd};
-use crate::drivers::tar::{Entry, EntryType, Header, TarReader};
+use crate::drivers::tar::{Entry, Header, TarReader};
 use crate::drivers::{DriverError, DriverKind, LayerOutput};
 use crate::oci::{annotations, media_types, Digest, Hasher};
 
@@ -510,16 +510,7 @@ fn toc_type(h: &Header) -> Option<&'static str> {
     if h.gnu_sparse || h.typeflag == b'7' {
         return None;
     }
-    Some(match h.entry_type {
-        EntryType::Regular => TYPE_REG,
-        EntryType::HardLink => "hardlink",
-        EntryType::Symlink => "symlink",
-        EntryType::Char => "char",
-        EntryType::Block => "block",
-        EntryType::Directory => "dir",
-        EntryType::Fifo => "fifo",
-        EntryType::Other(_) => return None,
-    })
+    h.entry_type.toc_name()
 }
 
 fn utf8(b: &[u8]) -> Option<&str> {
