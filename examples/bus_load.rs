@@ -140,7 +140,7 @@ async fn run(args: Args) -> Result<()> {
                 let body = json!({ "reference": r }).to_string();
                 let ack = js.publish(subject.clone(), body.into()).await?;
                 times.push((r, Instant::now()));
-                pending.push(ack.into_future());
+                pending.push(std::future::IntoFuture::into_future(ack));
                 while pending.len() >= in_flight {
                     pending.next().await.expect("not empty")?;
                 }

@@ -179,10 +179,13 @@ impl Results {
     }
 }
 
+/// What an HTTP receiver got: `Authorization` header and body of each POST.
+type Posted = Arc<Mutex<Vec<(Option<String>, Value)>>>;
+
 /// Bodies and `Authorization` headers POSTed to a local HTTP receiver.
-async fn http_receiver() -> (String, Arc<Mutex<Vec<(Option<String>, Value)>>>) {
+async fn http_receiver() -> (String, Posted) {
     use axum::http::HeaderMap;
-    let got: Arc<Mutex<Vec<(Option<String>, Value)>>> = Arc::new(Mutex::new(Vec::new()));
+    let got: Posted = Arc::new(Mutex::new(Vec::new()));
     let g = got.clone();
     let app = axum::Router::new().route(
         "/results",
