@@ -77,7 +77,15 @@ async fn push_converted(args: &Args) -> Result<String> {
     }))?;
     for blob in [&layer, &config] {
         let digest = sha256(blob);
-        let r = http.post(format!("{base}/blobs/uploads/?digest={digest}")).body(blob.to_vec()).send().await?;
+        // An upload session, then its content in one PUT.
+        let r = http.post(format!("{base}/blobs/uploads/")).send().await?;
+        let location = r.headers().get("location").and_then(|l| l.to_str().ok()).map(str::to_string);
+        let Some(location) = location.filter(|_| r.status().is_success()) else {
+            bail!("starting an upload: {} {}", r.status(), r.text().await.unwrap_or_default());
+        };
+        let url = if location.starts_with("http") { location } else { format!("http://{}{location}", args.registry) };
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let r = http.put(format!("{url}{sep}digest={digest}")).body(blob.to_vec()).send().await?;
         if !r.status().is_success() {
             bail!("uploading {digest}: {} {}", r.status(), r.text().await.unwrap_or_default());
         }
