@@ -262,3 +262,81 @@ fn missing_socket_and_dead_socket_say_what_to_do() {
     assert!(!out.status.success());
     assert!(err.contains("store.address") && err.contains("store.namespace"), "{err}");
 }
+
+/// The `Store` operations one by one against containerd: verified writes, reads, sizes,
+/// deletes, and writes that must leave nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_operations_against_containerd() {
+    use accel::oci::Digest;
+    use accel::store::{ContainerdStore, Store, StoreError};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let ctrd = ContainerdServer::start();
+    let ns = "ops";
+    let store = ContainerdStore::open(&ctrd.socket, ns, false).await.unwrap();
+    assert!(store.version().starts_with("1.") || store.version().starts_with("v"), "{}", store.version());
+    let lease = store.lease().await.unwrap();
+
+    // Several write messages' worth, with a size that is not a multiple of a chunk.
+    let data: Vec<u8> = (0..3_500_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let digest = Digest::of(&data);
+    let mut w = store.writer(&lease).await.unwrap();
+    for piece in data.chunks(300_001) {
+        w.write_all(piece).await.unwrap();
+    }
+    assert_eq!(w.commit(Some(&digest)).await.unwrap(), (digest.clone(), data.len() as u64));
+    assert_eq!(store.has(&digest).await.unwrap(), Some(data.len() as u64));
+    let mut back = Vec::new();
+    store.reader(&digest).await.unwrap().read_to_end(&mut back).await.unwrap();
+    assert!(back == data, "read back {} bytes that differ from the {} written", back.len(), data.len());
+    assert!(ctrd.content_digests(ns).contains(&digest.to_string()));
+
+    // Unknown digest at commit: the writer reports the digest and nothing becomes visible.
+    let mut w = store.writer(&lease).await.unwrap();
+    w.write_all(b"tampered").await.unwrap();
+    match w.commit(Some(&Digest::of(b"original"))).await {
+        Err(StoreError::DigestMismatch { actual, size: 8, .. }) => assert_eq!(actual, Digest::of(b"tampered")),
+        other => panic!("expected a digest mismatch, got {other:?}"),
+    }
+    assert_eq!(store.has(&Digest::of(b"tampered")).await.unwrap(), None);
+    // The same bytes twice: the second commit finds them there and still succeeds.
+    for _ in 0..2 {
+        let mut w = store.writer(&lease).await.unwrap();
+        w.write_all(b"twice").await.unwrap();
+        assert_eq!(w.commit(None).await.unwrap(), (Digest::of(b"twice"), 5));
+    }
+    // An empty blob is a blob too.
+    let w = store.writer(&lease).await.unwrap();
+    assert_eq!(w.commit(None).await.unwrap(), (Digest::of(b""), 0));
+    // A writer dropped before commit leaves no ingest behind.
+    let mut w = store.writer(&lease).await.unwrap();
+    w.write_all(&data[..2_000_000]).await.unwrap();
+    w.flush().await.unwrap();
+    drop(w);
+    let mut active = String::new();
+    for _ in 0..50 {
+        active = ctrd.ctr(ns, &["content", "active"]);
+        if active.lines().count() <= 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(active.lines().count() <= 1, "unfinished write left an ingest: {active}");
+
+    assert_eq!(store.usage().await.unwrap(), data.len() as u64 + 5);
+    assert!(matches!(store.reader(&Digest::of(b"absent")).await, Err(StoreError::NotFound(_))));
+    store.delete(&digest).await.unwrap();
+    store.delete(&digest).await.unwrap();
+    assert_eq!(store.has(&digest).await.unwrap(), None);
+
+    // Existing content added to a lease is held by it; released, it is collected.
+    let lease2 = store.lease().await.unwrap();
+    lease2.add(&Digest::of(b"twice")).await.unwrap();
+    lease.release().await;
+    ctrd.collect_garbage(ns);
+    assert!(ctrd.content_digests(ns).contains(&Digest::of(b"twice").to_string()), "a leased blob was collected");
+    lease2.release().await;
+    ctrd.collect_garbage(ns);
+    assert!(ctrd.content_digests(ns).is_empty(), "{:?}", ctrd.content_digests(ns));
+    assert!(accel_leases(&ctrd.leases(ns)).is_empty());
+}
