@@ -340,3 +340,34 @@ async fn store_operations_against_containerd() {
     assert!(ctrd.content_digests(ns).is_empty(), "{:?}", ctrd.content_digests(ns));
     assert!(accel_leases(&ctrd.leases(ns)).is_empty());
 }
+
+/// A user the socket does not admit (containerd's socket is `root:root 0660`) is told so.
+#[test]
+fn permission_denied_names_the_socket() {
+    use std::os::unix::fs::PermissionsExt;
+    let ctrd = ContainerdServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    // The unprivileged user must reach the binary, the config and the socket's directory;
+    // the test binary's own tree may sit under a private home.
+    for d in [dir.path(), ctrd.dir.path()] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let bin = dir.path().join("accelctl");
+    if std::fs::hard_link(env!("CARGO_BIN_EXE_accelctl"), &bin).is_err() {
+        std::fs::copy(env!("CARGO_BIN_EXE_accelctl"), &bin).unwrap();
+    }
+    let config = dir.path().join("pipelines.yaml");
+    std::fs::write(&config, store_yaml(&ctrd, "perm", false)).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(&bin)
+        .args(["convert", "--config"])
+        .arg(&config)
+        .arg("127.0.0.1:1/x:y")
+        .env("HOME", dir.path())
+        .output()
+        .expect("setpriv (util-linux) runs accelctl as nobody");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains(&format!("permission denied on the containerd socket {}", ctrd.socket.display())), "{err}");
+}
