@@ -371,3 +371,58 @@ fn permission_denied_names_the_socket() {
     assert!(!out.status.success(), "{err}");
     assert!(err.contains(&format!("permission denied on the containerd socket {}", ctrd.socket.display())), "{err}");
 }
+
+/// A stand-in for a containerd older than accel supports: it answers the Version service
+/// only, with the version it is given.
+mod old_containerd {
+    use containerd_client::services::v1::VersionResponse;
+    use tonic::codegen::{http, BoxFuture, Context, Poll, Service};
+
+    #[derive(Clone)]
+    pub struct Version(pub &'static str);
+
+    impl tonic::server::NamedService for Version {
+        const NAME: &'static str = "containerd.services.version.v1.Version";
+    }
+
+    struct Answer(&'static str);
+
+    impl tonic::server::UnaryService<()> for Answer {
+        type Response = VersionResponse;
+        type Future = BoxFuture<tonic::Response<VersionResponse>, tonic::Status>;
+        fn call(&mut self, _: tonic::Request<()>) -> Self::Future {
+            let version = self.0.to_string();
+            Box::pin(async move { Ok(tonic::Response::new(VersionResponse { version, revision: "stand-in".into() })) })
+        }
+    }
+
+    impl Service<http::Request<tonic::body::Body>> for Version {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+            let version = self.0;
+            Box::pin(async move {
+                let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default());
+                Ok(grpc.unary(Answer(version), req).await)
+            })
+        }
+    }
+}
+
+#[tokio::test]
+async fn too_old_containerd_is_refused_with_both_versions() {
+    use accel::store::ContainerdStore;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("old.sock");
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    let incoming = futures::stream::unfold(listener, |l| async move { Some((l.accept().await.map(|(s, _)| s), l)) });
+    let server = tokio::spawn(tonic::transport::Server::builder().add_service(old_containerd::Version("v1.2.13")).serve_with_incoming(incoming));
+    let err = ContainerdStore::open(&socket, "accel", false).await.err().expect("containerd 1.2 must be refused").to_string();
+    assert!(err.contains("version v1.2.13") && err.contains("needs containerd 1.3.0 or newer"), "{err}");
+    assert!(err.contains(&socket.display().to_string()), "{err}");
+    server.abort();
+}
