@@ -150,9 +150,8 @@ impl Config {
         // Keep the variants referenced so adding a kind forces a look here.
         for (name, s) in &self.sources {
             match s {
-                SourceConfig::Harbor {} => {
-                    let _ = name;
-                }
+                SourceConfig::Harbor {} => {}
+                SourceConfig::Poll(c) => out.extend(c.check(&format!("sources.{name}"))),
             }
         }
         for s in self.sinks.values() {

@@ -146,6 +146,9 @@ pub struct RegistryConfig {
 pub enum SourceConfig {
     /// Harbor webhooks (`artifact pushed`) posted to `/api/v1/conversions`.
     Harbor {},
+    /// Polls a registry's tag lists for new tags and moved digests (registries without
+    /// webhooks).
+    Poll(crate::sources::poll::PollSourceConfig),
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -1,3 +1,4 @@
-//! Event sources: Harbor webhooks today; buses and registry polling later.
+//! Event sources: Harbor webhooks and registry polling; buses later.
 
 pub mod harbor;
+pub mod poll;
