@@ -16,6 +16,7 @@ use crate::pipeline::tasks::{TaskStore, TaskStoreError};
 use crate::pipeline::worker::WorkerOptions;
 use crate::pipeline::{ConverterRunner, Plan, Router, Runner, Workers};
 use crate::registry::{RegistryClient, RegistryError};
+use crate::sources::poll::{self, PollError, PollMetrics};
 use crate::store::StoreError;
 
 /// How long requests still open after the workers stopped get to finish.
@@ -35,6 +36,8 @@ pub enum RunError {
     Bind { addr: String, source: std::io::Error },
     #[error("HTTP server: {0}")]
     Serve(std::io::Error),
+    #[error("{0}")]
+    Poll(#[from] PollError),
 }
 
 /// Runs `acceld` until `shutdown` is cancelled: resumes unfinished tasks, serves the API on
@@ -57,7 +60,8 @@ pub async fn serve(config: Config, runner: Arc<dyn Runner>, listener: TcpListene
     }
     let router_ = Router::new(&config, plans);
     let path = config.tasks.path.clone().unwrap_or_else(default_tasks_path);
-    let store = tokio::task::spawn_blocking(move || TaskStore::open(&path))
+    let open_path = path.clone();
+    let store = tokio::task::spawn_blocking(move || TaskStore::open(&open_path))
         .await
         .map_err(|e| TaskStoreError::Db(format!("opening the task database stopped: {e}")))??;
     tracing::info!("task database: {}", store.path().display());
@@ -70,7 +74,17 @@ pub async fn serve(config: Config, runner: Arc<dyn Runner>, listener: TcpListene
         shutdown.clone(),
     )
     .await?;
-    let app = router(AppState::new(&config, workers.clone())).into_make_service_with_connect_info::<SocketAddr>();
+    let poll_metrics = Arc::new(PollMetrics::default());
+    let pollers = match poll::start_all(&config, &path, Arc::new(workers.clone()), poll_metrics.clone(), shutdown.clone()).await {
+        Ok(p) => p,
+        Err(e) => {
+            shutdown.cancel();
+            workers.stop().await;
+            return Err(e.into());
+        }
+    };
+    let app = router(AppState::new(&config, workers.clone()).with_poll_metrics(poll_metrics))
+        .into_make_service_with_connect_info::<SocketAddr>();
     let addr = listener.local_addr().map_err(RunError::Serve)?;
     tracing::info!("[API] HTTP server started on {addr}");
     let stop_http = shutdown.clone();
@@ -80,6 +94,7 @@ pub async fn serve(config: Config, runner: Arc<dyn Runner>, listener: TcpListene
 
     shutdown.cancelled().await;
     tracing::info!("shutting down: no new work is taken; running conversions may finish");
+    pollers.join().await;
     workers.stop().await;
     // Requests waiting for a task that did not finish have been answered by now.
     match tokio::time::timeout(HTTP_DRAIN, server).await {

@@ -31,6 +31,7 @@ use crate::pipeline::tasks::TaskStatus;
 use crate::pipeline::worker::SubmitError;
 use crate::pipeline::{Router, Workers};
 use crate::sources::harbor::{self, PayloadError, Webhook};
+use crate::sources::poll::PollMetrics;
 
 pub const CONVERSIONS_PATH: &str = "/api/v1/conversions";
 pub const HEALTH_PATH: &str = "/api/v1/health";
@@ -51,6 +52,8 @@ struct Inner {
     /// Source name of events posted here.
     origin: String,
     http: HttpMetrics,
+    /// Counters of poll sources, when the daemon runs any.
+    poll: Option<Arc<PollMetrics>>,
     started: Instant,
 }
 
@@ -63,9 +66,18 @@ impl AppState {
                 max_body_bytes: config.server.max_body_bytes.bytes(),
                 origin: Router::harbor_origin(config),
                 http: HttpMetrics::default(),
+                poll: None,
                 started: Instant::now(),
             }),
         }
+    }
+
+    /// Shows the counters of poll sources under `/metrics` too. Call before cloning.
+    pub fn with_poll_metrics(mut self, metrics: Arc<PollMetrics>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.poll = Some(metrics);
+        }
+        self
     }
 }
 
@@ -301,6 +313,9 @@ async fn metrics(State(st): State<AppState>) -> Response {
     let w = &st.inner.workers;
     w.metrics().render(&mut out, &w.queue_depths());
     st.inner.http.render(&mut out);
+    if let Some(p) = &st.inner.poll {
+        p.render(&mut out);
+    }
     let _ = writeln!(out, "# HELP accel_uptime_seconds Time since acceld started.");
     let _ = writeln!(out, "# TYPE accel_uptime_seconds gauge");
     let _ = writeln!(out, "accel_uptime_seconds {}", st.inner.started.elapsed().as_secs_f64());

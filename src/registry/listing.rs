@@ -52,7 +52,7 @@ impl RegistryClient {
         self.list(&target, &op, "_catalog", page_size, ListKind::Repositories).await
     }
 
-    /// Every tag of the repository `repo` names, following the pagination of
+    /// Every tag of the repository `repo` names, sorted, following the pagination of
     /// `/v2/<name>/tags/list`. A repository that does not exist is a 404 error
     /// ([`RegistryError::is_not_found`]).
     pub async fn list_tags(&self, repo: &Reference, page_size: usize) -> Result<Vec<String>, RegistryError> {
@@ -137,6 +137,9 @@ impl RegistryClient {
                 None => break,
             };
         }
+        // The catalog is in lexical order by the spec; tag lists are in whatever order the
+        // registry's storage gives.
+        out.sort();
         out.dedup();
         Ok(out)
     }
