@@ -337,6 +337,20 @@ pipelines:
         self.get("/api/v1/conversions").await.unwrap().json().await.unwrap()
     }
 
+    /// Waits until there are `n` tasks and none is still running; returns them.
+    async fn finished_tasks(&mut self, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let tasks = self.tasks().await;
+            if tasks.len() == n && tasks.iter().all(|t| t["status"] != "PROCESSING") {
+                return tasks;
+            }
+            self.assert_running();
+            assert!(Instant::now() < deadline, "not {n} finished tasks within 60 s: {tasks:#?}\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     async fn metrics(&self) -> String {
         self.get("/metrics").await.unwrap().text().await.unwrap()
     }
@@ -413,7 +427,7 @@ async fn acceld_converts_new_and_moved_tags_once_across_restarts() {
     wait_converted(&reg, &mut d, "team/fresh", "1.0-esgz", &fresh).await;
 
     // Three conversions; the existing tag and the pushed outputs were not converted.
-    let tasks = d.tasks().await;
+    let tasks = d.finished_tasks(3).await;
     let mut sources: Vec<String> = tasks.iter().map(|t| t["source"].as_str().unwrap_or_default().to_string()).collect();
     sources.sort();
     let mut expected = vec![pinned(&v2), pinned(&moved), pinned(&fresh)];
@@ -472,7 +486,6 @@ async fn acceld_rides_out_a_registry_outage() {
     let during = image("during").build().push(&host, "lib/app:2");
     wait_converted(&reg, &mut d, "lib/app", "2-esgz", &during).await;
     d.wait_log("recovery", Duration::from_secs(10), |l| l.contains("answers again")).await;
-    let tasks = d.tasks().await;
-    assert_eq!(tasks.len(), 2, "{tasks:#?}");
+    let tasks = d.finished_tasks(2).await;
     assert!(tasks.iter().all(|t| t["status"] == "COMPLETED"), "{tasks:#?}");
 }

@@ -215,9 +215,9 @@ impl Poller {
                     tracing::warn!(
                         source = %self.name,
                         failures = self.failures.failures(),
-                        "polling {} failed: {e}; trying again in {}s",
+                        "polling {} failed: {e}; trying again in {:.1}s",
                         self.config.registry,
-                        wait.as_secs()
+                        wait.as_secs_f64()
                     );
                     wait
                 }
@@ -225,7 +225,7 @@ impl Poller {
                     let wait = jittered(self.failures.failed(self.interval(), self.backoff_max()), random_unit());
                     self.metrics.error(&self.name, Stage::State);
                     self.metrics.round_failed(&self.name, wait);
-                    tracing::error!(source = %self.name, "{e}; trying again in {}s", wait.as_secs());
+                    tracing::error!(source = %self.name, "{e}; trying again in {:.1}s", wait.as_secs_f64());
                     wait
                 }
                 Err(RoundError::Stopped) => break,
