@@ -18,7 +18,8 @@ use accel::oci::{annotations, Reference};
 use accel::pipeline::worker::{Accepted, SubmitError};
 use accel::pipeline::Event;
 use accel::registry::{RegistryClient, RegistryError};
-use accel::sources::poll::{PollMetrics, PollSourceConfig, Poller, RoundError, Submit};
+use accel::pipeline::metrics::TaskMetrics;
+use accel::sources::poll::{PollSourceConfig, Poller, RoundError, Submit};
 use common::fixtures::{handmade_image, PushedImage};
 use common::registry::{free_port, RegistryAuth, RegistryServer};
 
@@ -67,9 +68,9 @@ impl Submit for Recorder {
 fn poller(dir: &Path, host: &str, settings: &str, submit: Arc<Recorder>) -> Poller {
     let yaml = format!("{{ registry: '{host}', interval_secs: 1, {settings} }}");
     let config: PollSourceConfig = serde_yaml::from_str(&yaml).unwrap();
-    assert!(config.check("sources.poller").is_empty(), "{:?}", config.check("sources.poller"));
+    assert!(config.problems("sources.poller").is_empty(), "{:?}", config.problems("sources.poller"));
     let registry = Arc::new(RegistryClient::new(&config_in(dir, vec![])).unwrap());
-    Poller::new("poller", config, dir.join("poll.redb"), vec!["-esgz".into()], registry, submit, Arc::new(PollMetrics::default()))
+    Poller::new("poller", config, dir.join("poll.redb"), vec!["-esgz".into()], registry, submit, Arc::new(TaskMetrics::default()))
         .unwrap()
 }
 

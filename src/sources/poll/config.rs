@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use crate::config::bus::Report;
 use crate::config::Problem;
 use crate::oci::Reference;
 
@@ -73,9 +74,15 @@ fn default_concurrent_requests() -> usize {
 
 impl PollSourceConfig {
     /// Problems of this source's settings; `at` is its path in the config (`sources.NAME`).
-    pub fn check(&self, at: &str) -> Vec<Problem> {
+    pub fn problems(&self, at: &str) -> Vec<Problem> {
         let mut out = Vec::new();
-        let mut problem = |path: String, message: String| out.push(Problem { path: format!("{at}.{path}"), message });
+        self.check(at, &mut |path, message| out.push(Problem { path, message }));
+        out
+    }
+
+    /// Reports each problem of this source's settings with its path under `at`.
+    pub fn check(&self, at: &str, report: &mut Report) {
+        let mut problem = |path: String, message: String| report(format!("{at}.{path}"), message);
         if format!("{}/x", self.registry).parse::<Reference>().map(|r| r.registry() != self.registry).unwrap_or(true) {
             problem("registry".into(), format!("{:?} is not a registry host (host or host:port)", self.registry));
         }
@@ -109,7 +116,6 @@ impl PollSourceConfig {
         if self.concurrent_requests == 0 {
             problem("concurrent_requests".into(), "must be at least 1".into());
         }
-        out
     }
 }
 
@@ -126,7 +132,7 @@ mod tests {
         let c = parse("{ registry: 'r.example:5000', repositories: [a/b] }");
         assert_eq!(c.initial, Initial::None);
         assert_eq!((c.interval_secs, c.backoff_max_secs, c.page_size, c.concurrent_requests), (60, 900, 100, 8));
-        assert!(c.check("sources.p").is_empty());
+        assert!(c.problems("sources.p").is_empty());
         assert_eq!(parse("{ registry: h.io, repositories: ['**'], initial: all }").initial, Initial::All);
     }
 
@@ -145,12 +151,12 @@ mod tests {
     #[test]
     fn every_problem_is_reported_with_its_path() {
         let c = parse("{ registry: 'Bad Host', repositories: ['a/[', 'UPPER'], tags: ['['], interval_secs: 0, page_size: 0 }");
-        let paths: Vec<String> = c.check("sources.p").into_iter().map(|p| p.path).collect();
+        let paths: Vec<String> = c.problems("sources.p").into_iter().map(|p| p.path).collect();
         for p in ["registry", "repositories[0]", "repositories[1]", "tags[0]", "interval_secs", "page_size"] {
             assert!(paths.contains(&format!("sources.p.{p}")), "{p} missing from {paths:?}");
         }
         let empty = parse("{ registry: h.io, repositories: [] }");
-        assert_eq!(empty.check("s")[0].path, "s.repositories");
+        assert_eq!(empty.problems("s")[0].path, "s.repositories");
         assert!(serde_yaml::from_str::<PollSourceConfig>("{ registry: h.io, repositories: [a], initial: some }").is_err());
         assert!(serde_yaml::from_str::<PollSourceConfig>("{ registry: h.io, repositories: [a], intervall_secs: 3 }").is_err());
     }

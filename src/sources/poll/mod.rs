@@ -29,6 +29,7 @@ pub use state::{RepoState, RepoUpdate, SeenStore, StateError};
 
 use crate::config::Config;
 use crate::oci::{annotations, Digest, Reference};
+use crate::pipeline::metrics::TaskMetrics;
 use crate::pipeline::worker::{Accepted, SubmitError};
 use crate::pipeline::{Event, Workers};
 use crate::registry::{RegistryClient, RegistryError};
@@ -123,7 +124,7 @@ pub struct Poller {
     repos: RepoSelector,
     tags: TagFilter,
     submit: Arc<dyn Submit>,
-    metrics: Arc<PollMetrics>,
+    metrics: Arc<TaskMetrics>,
     failures: Backoff,
     catalog_backoff: (Backoff, Option<Instant>),
     repo_backoff: HashMap<String, (Backoff, Instant)>,
@@ -145,7 +146,7 @@ impl Poller {
         suffixes: Vec<String>,
         registry: Arc<RegistryClient>,
         submit: Arc<dyn Submit>,
-        metrics: Arc<PollMetrics>,
+        metrics: Arc<TaskMetrics>,
     ) -> Result<Poller, PollError> {
         let bad = |why: String| PollError::Config { name: name.to_string(), why };
         let repos = RepoSelector::new(&config.repositories).map_err(|e| bad(format!("repositories: {e}")))?;
@@ -180,7 +181,7 @@ impl Poller {
     }
 
     /// Polls until `shutdown` is cancelled. The first round starts at once.
-    pub async fn run(mut self, shutdown: CancellationToken) {
+    pub async fn run(&mut self, shutdown: &CancellationToken) {
         tracing::info!(
             source = %self.name,
             "polling {} every {}s for {} (state: {})",
@@ -197,7 +198,7 @@ impl Poller {
             }
             let round = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                r = self.round(&shutdown) => r,
+                r = self.round(shutdown) => r,
             };
             wait = match round {
                 Ok(watched) => {
@@ -205,13 +206,13 @@ impl Poller {
                     if before > 0 {
                         tracing::info!(source = %self.name, "registry {} answers again after {before} failed polls", self.config.registry);
                     }
-                    self.metrics.round_ok(&self.name, watched);
+                    self.metrics.poll().round_ok(&self.name, watched);
                     jittered(self.interval(), random_unit())
                 }
                 Err(RoundError::Registry(e)) => {
                     let wait = jittered(self.failures.failed(self.interval(), self.backoff_max()), random_unit());
-                    self.metrics.error(&self.name, Stage::Registry);
-                    self.metrics.round_failed(&self.name, wait);
+                    self.metrics.poll().error(&self.name, Stage::Registry);
+                    self.metrics.poll().round_failed(&self.name, wait);
                     tracing::warn!(
                         source = %self.name,
                         failures = self.failures.failures(),
@@ -223,8 +224,8 @@ impl Poller {
                 }
                 Err(RoundError::State(e)) => {
                     let wait = jittered(self.failures.failed(self.interval(), self.backoff_max()), random_unit());
-                    self.metrics.error(&self.name, Stage::State);
-                    self.metrics.round_failed(&self.name, wait);
+                    self.metrics.poll().error(&self.name, Stage::State);
+                    self.metrics.poll().round_failed(&self.name, wait);
                     tracing::error!(source = %self.name, "{e}; trying again in {:.1}s", wait.as_secs_f64());
                     wait
                 }
@@ -296,7 +297,7 @@ impl Poller {
             Err(e) => {
                 let wait = self.catalog_backoff.0.failed(self.interval(), self.backoff_max());
                 self.catalog_backoff.1 = Some(Instant::now() + wait);
-                self.metrics.error(&self.name, Stage::Catalog);
+                self.metrics.poll().error(&self.name, Stage::Catalog);
                 tracing::warn!(
                     source = %self.name,
                     "{e}; repositories named without globs are still polled; listing again in {}s",
@@ -312,7 +313,7 @@ impl Poller {
         let entry = self.repo_backoff.entry(repo.to_string()).or_insert_with(|| (Backoff::default(), Instant::now()));
         let wait = entry.0.failed(interval, max);
         entry.1 = Instant::now() + wait;
-        self.metrics.error(&self.name, stage);
+        self.metrics.poll().error(&self.name, stage);
         tracing::warn!(source = %self.name, repository = %repo, "{e}; polling {repo} again in {}s, the other repositories go on", wait.as_secs());
     }
 
@@ -434,7 +435,7 @@ impl Poller {
             match self.is_conversion_output(&reference).await {
                 Ok(true) => {
                     tracing::debug!(source = %self.name, "{reference} is a conversion output; not converting it");
-                    self.metrics.skipped_output(&self.name);
+                    self.metrics.poll().skipped_output(&self.name);
                     outputs.push((tag, digest));
                     continue;
                 }
@@ -460,7 +461,7 @@ impl Poller {
             match self.submit.submit(&list).await {
                 Ok(_) => {
                     for (.., kind) in batch {
-                        self.metrics.event(&self.name, kind);
+                        self.metrics.poll().event(&self.name, kind);
                     }
                     let seen = batch.iter().map(|(_, tag, digest, _)| (tag.clone(), digest.clone())).collect();
                     let update = RepoUpdate { repository: repo.to_string(), seen, ..Default::default() };
@@ -469,7 +470,7 @@ impl Poller {
                 }
                 Err(SubmitError::ShuttingDown) => return Err(RoundError::Stopped),
                 Err(e) => {
-                    self.metrics.error(&self.name, Stage::Submit);
+                    self.metrics.poll().error(&self.name, Stage::Submit);
                     tracing::warn!(source = %self.name, "{e}; the changes of {} not handed over yet are retried at the next poll", base.name());
                     break;
                 }
@@ -503,54 +504,47 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, StateError> +
     }
 }
 
-/// Poll sources of a running daemon.
-pub struct Running {
-    handles: Vec<tokio::task::JoinHandle<()>>,
+/// A poll source as the daemon runs it, next to the bus sources.
+pub struct PollSource {
+    name: String,
+    poller: tokio::sync::Mutex<Poller>,
 }
 
-impl Running {
-    /// Waits for every poller to stop (they stop when the shutdown token is cancelled) and
-    /// release its state file.
-    pub async fn join(self) {
-        for h in self.handles {
-            let _ = h.await;
-        }
-    }
-}
-
-/// Starts a poller for every `kind: poll` source of the config. State files default to
-/// `poll-<name>.redb` beside `tasks_path`.
-pub async fn start_all(
-    config: &Config,
-    tasks_path: &Path,
-    submit: Arc<dyn Submit>,
-    metrics: Arc<PollMetrics>,
-    shutdown: CancellationToken,
-) -> Result<Running, PollError> {
-    let sources: Vec<(String, PollSourceConfig)> = config
-        .sources
-        .iter()
-        .filter_map(|(name, s)| match s {
-            crate::config::SourceConfig::Poll(c) => Some((name.clone(), c.clone())),
-            _ => None,
-        })
-        .collect();
-    if sources.is_empty() {
-        return Ok(Running { handles: Vec::new() });
-    }
-    let registry = Arc::new(
-        RegistryClient::new(config).map_err(|e| PollError::Config { name: sources[0].0.clone(), why: e.to_string() })?,
-    );
-    let suffixes = output_suffixes(config);
-    let mut handles = Vec::new();
-    for (name, c) in sources {
-        let default_state = default_state_path(tasks_path, &name);
-        let (registry, submit, metrics, suffixes) = (registry.clone(), submit.clone(), metrics.clone(), suffixes.clone());
-        let n = name.clone();
+impl PollSource {
+    /// Opens the state file and prepares the registry client of source `name`. Needs the whole
+    /// config: registry credentials and the target suffixes of every pipeline. The state file
+    /// defaults to `poll-<name>.redb` beside the task database.
+    pub async fn build(
+        name: &str,
+        c: &PollSourceConfig,
+        config: &Config,
+        ctx: &super::SourceContext,
+    ) -> Result<(Arc<dyn super::Source>, super::Inbox), super::SourceError> {
+        let setup = |why: String| super::SourceError::Setup { source_name: name.to_string(), why };
+        let registry = Arc::new(RegistryClient::new(config).map_err(|e| setup(e.to_string()))?);
+        let default_state = default_state_path(ctx.workers.store().path(), name);
+        let submit: Arc<dyn Submit> = Arc::new(ctx.workers.clone());
+        let metrics = ctx.workers.metrics().clone();
+        let (n, c, suffixes) = (name.to_string(), c.clone(), output_suffixes(config));
         let poller = tokio::task::spawn_blocking(move || Poller::new(&n, c, default_state, suffixes, registry, submit, metrics))
             .await
-            .map_err(|e| PollError::Config { name: name.clone(), why: format!("starting the poller stopped: {e}") })??;
-        handles.push(tokio::spawn(poller.run(shutdown.clone())));
+            .map_err(|e| setup(format!("opening the poll state stopped: {e}")))?
+            .map_err(|e| setup(e.to_string()))?;
+        let source = PollSource { name: name.to_string(), poller: tokio::sync::Mutex::new(poller) };
+        let inbox = super::Inbox::new(name, ctx.workers.clone(), None, ctx.shutdown.clone());
+        Ok((Arc::new(source), inbox))
     }
-    Ok(Running { handles })
+}
+
+#[async_trait]
+impl super::Source for PollSource {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Polls until shutdown; registry failures are backed off inside, never returned.
+    async fn run(&self, _inbox: &super::Inbox, shutdown: &CancellationToken) -> Result<(), super::SourceError> {
+        self.poller.lock().await.run(shutdown).await;
+        Ok(())
+    }
 }
