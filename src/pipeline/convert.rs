@@ -127,7 +127,13 @@ impl Converter {
     }
 
     pub async fn convert(&self, req: &ConvertRequest) -> Result<ConvertResult, ConvertError> {
-        let lease = self.store.lease();
+        let lease = self.store.lease().await?;
+        let result = self.convert_leased(req, &lease).await;
+        lease.release().await;
+        result
+    }
+
+    async fn convert_leased(&self, req: &ConvertRequest, lease: &Lease) -> Result<ConvertResult, ConvertError> {
         let source = &req.source;
         self.progress.stage(Stage::Pulling, source);
         let top = self
@@ -140,11 +146,11 @@ impl Converter {
             for entry in entries {
                 let r = source.repository_only().with_digest(entry.digest.clone());
                 let m = self.retry(&format!("fetch manifest {}", r), || self.registry.get_manifest(&r)).await?;
-                images.push(self.pull_image(source, m.bytes, m.digest, Some(entry), &lease).await?);
+                images.push(self.pull_image(source, m.bytes, m.digest, Some(entry), lease).await?);
             }
             (images, Some(index))
         } else if media_types::is_manifest(&top.media_type) {
-            let image = self.pull_image(source, top.bytes.clone(), top.digest.clone(), None, &lease).await?;
+            let image = self.pull_image(source, top.bytes.clone(), top.digest.clone(), None, lease).await?;
             check_single_platform(source, &image, &req.platforms)?;
             (vec![image], None)
         } else {
@@ -164,11 +170,11 @@ impl Converter {
             self.progress.stage(Stage::Converting, source);
             let mut converted = Vec::new();
             for image in &images {
-                converted.push(self.convert_image(image, conv.driver.clone(), &lease).await?);
+                converted.push(self.convert_image(image, conv.driver.clone(), lease).await?);
             }
             self.progress.stage(Stage::Converted, &target_ref);
             self.progress.stage(Stage::Pushing, &target_ref);
-            let result = self.push_target(source, &top.digest, &target_ref, conv, converted, index.as_ref()).await?;
+            let result = self.push_target(source, &top.digest, &target_ref, conv, converted, index.as_ref(), lease).await?;
             self.progress.stage(Stage::Pushed, &result.reference);
             targets.push(result);
         }
@@ -237,7 +243,7 @@ impl Converter {
 
     /// Makes a blob of the source present in the store; false when it already was.
     async fn pull_blob(&self, source: &Reference, d: &Descriptor, lease: &Lease) -> Result<bool, ConvertError> {
-        lease.add(&d.digest);
+        lease.add(&d.digest).await?;
         if self.store.has(&d.digest).await?.is_some() {
             return Ok(false);
         }
@@ -251,7 +257,7 @@ impl Converter {
                     .get_blob(source, &d.digest)
                     .await
                     .map_err(|e| ConvertError::Registry { action: action.clone(), source: e })?;
-                let mut w = self.store.writer().await?;
+                let mut w = self.store.writer(lease).await?;
                 while let Some(chunk) = blob.stream.next().await {
                     let chunk = chunk.map_err(|e| ConvertError::Registry { action: action.clone(), source: e })?;
                     w.write_all(&chunk).await.map_err(|e| StoreError::Io { path: "ingest".into(), source: e })?;
@@ -279,10 +285,9 @@ impl Converter {
     }
 
     async fn put_small(&self, data: &[u8], lease: &Lease) -> Result<Digest, ConvertError> {
-        let mut w = self.store.writer().await?;
+        let mut w = self.store.writer(lease).await?;
         w.write_all(data).await.map_err(|e| StoreError::Io { path: "ingest".into(), source: e })?;
         let (d, _) = w.commit(Some(&Digest::of(data))).await?;
-        lease.add(&d);
         Ok(d)
     }
 
@@ -319,6 +324,7 @@ impl Converter {
         manifest.annotations.insert(annotations::SOURCE_DIGEST.into(), image.digest.to_string());
         manifest.annotations.insert(annotations::DRIVER.into(), format!("{}/{}", driver.kind(), driver.version()));
         let bytes = Bytes::from(serde_json::to_vec(&manifest).expect("manifest serializes"));
+        self.store.put_manifest(media_types::OCI_MANIFEST, &bytes, lease).await?;
         let mut blobs = manifest.layers.clone();
         blobs.push(config_desc);
         let size = bytes.len() as u64 + blobs.iter().map(|b| b.size).sum::<u64>();
@@ -334,7 +340,7 @@ impl Converter {
         lease: &Lease,
     ) -> Result<(Descriptor, Digest), ConvertError> {
         let reader = self.store.reader(&layer.digest).await?;
-        let writer = self.store.writer().await?;
+        let writer = self.store.writer(lease).await?;
         let media_type = layer.media_type.clone();
         let driver_err = |source| ConvertError::Driver { image: image.reference.to_string(), layer: layer.digest.clone(), source };
         // The bridges block on the runtime from the blocking pool, never from executor threads.
@@ -367,12 +373,12 @@ impl Converter {
             }
         }
         let (digest, size) = writer.commit(None).await?;
-        lease.add(&digest);
         let mut desc = Descriptor::new(&produced.media_type, digest, size);
         desc.annotations = produced.annotations;
         Ok((desc, produced.diff_id))
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn push_target(
         &self,
         source: &Reference,
@@ -381,6 +387,7 @@ impl Converter {
         conv: &Conversion,
         images: Vec<TargetImage>,
         index: Option<&ImageIndex>,
+        lease: &Lease,
     ) -> Result<TargetResult, ConvertError> {
         let mount_from = (source.registry() == target.registry() && source.repository() != target.repository()).then_some(source);
         for image in &images {
@@ -399,6 +406,8 @@ impl Converter {
         let Some(index) = index else {
             let image = images.into_iter().next().expect("one image for a manifest source");
             let digest = self.put_manifest(target, media_types::OCI_MANIFEST, image.manifest.clone()).await?;
+            let top = Descriptor::new(media_types::OCI_MANIFEST, digest.clone(), image.manifest.len() as u64);
+            self.store.register_image(target, &top).await?;
             return Ok(TargetResult {
                 driver: driver.kind(),
                 reference: target.clone(),
@@ -430,7 +439,10 @@ impl Converter {
         new_index.annotations.insert(annotations::DRIVER.into(), format!("{}/{}", driver.kind(), driver.version()));
         let bytes = Bytes::from(serde_json::to_vec(&new_index).expect("index serializes"));
         size += bytes.len() as u64;
+        self.store.put_manifest(media_types::OCI_INDEX, &bytes, lease).await?;
+        let top_size = bytes.len() as u64;
         let digest = self.put_manifest(target, media_types::OCI_INDEX, bytes).await?;
+        self.store.register_image(target, &Descriptor::new(media_types::OCI_INDEX, digest.clone(), top_size)).await?;
         Ok(TargetResult { driver: driver.kind(), reference: target.clone(), digest, media_type: media_types::OCI_INDEX.into(), size, platforms })
     }
 
