@@ -165,6 +165,7 @@ impl Config {
                 }
                 SourceConfig::Nats(c) => c.check(&at, &mut problem),
                 SourceConfig::Jetstream(c) => c.check(&at, &mut problem),
+                SourceConfig::Poll(c) => c.check(&at, &mut problem),
             }
         }
         for (name, s) in &self.sinks {

@@ -180,7 +180,10 @@ pub enum SourceConfig {
     Nats(NatsSourceConfig),
     /// A JetStream durable pull consumer (`src/sources/nats.rs`).
     Jetstream(JetStreamSourceConfig),
-    // Kafka topics (`kafka`) and registry polling (`poll`) go here, one variant each.
+    /// Polls a registry's tag lists for new tags and moved digests, for registries without
+    /// webhooks (`src/sources/poll/`).
+    Poll(crate::sources::poll::PollSourceConfig),
+    // Kafka topics (`kafka`) go here.
 }
 
 impl SourceConfig {
@@ -190,6 +193,7 @@ impl SourceConfig {
             SourceConfig::Harbor { .. } => "harbor",
             SourceConfig::Nats(_) => "nats",
             SourceConfig::Jetstream(_) => "jetstream",
+            SourceConfig::Poll(_) => "poll",
         }
     }
 }

@@ -81,6 +81,8 @@ pub struct QueueDepth {
 #[derive(Default)]
 pub struct TaskMetrics {
     inner: Mutex<Inner>,
+    /// Counters of registry poll sources.
+    poll: crate::sources::poll::PollMetrics,
 }
 
 #[derive(Default)]
@@ -245,6 +247,13 @@ impl TaskMetrics {
         for q in queues {
             let _ = writeln!(out, "accel_queue_capacity{{pipeline=\"{}\"}} {}", label(&q.pipeline), q.capacity);
         }
+        drop(m);
+        self.poll.render(out);
+    }
+
+    /// Counters of registry poll sources.
+    pub fn poll(&self) -> &crate::sources::poll::PollMetrics {
+        &self.poll
     }
 }
 

@@ -108,6 +108,8 @@ pub enum Access {
     Push,
     /// Push to the repository and pull from `from`, for a cross-repository mount.
     Mount { from: String },
+    /// List the registry's repositories (`/v2/_catalog`); not tied to a repository.
+    Catalog,
 }
 
 impl Access {
@@ -119,6 +121,7 @@ impl Access {
             Access::Mount { from } => {
                 vec![format!("repository:{repository}:pull,push"), format!("repository:{from}:pull")]
             }
+            Access::Catalog => vec!["registry:catalog:*".to_string()],
         }
     }
 
@@ -127,6 +130,7 @@ impl Access {
         match self {
             Access::Pull => "pull",
             Access::Push | Access::Mount { .. } => "pull,push",
+            Access::Catalog => "catalog",
         }
     }
 }

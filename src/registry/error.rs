@@ -218,6 +218,18 @@ fn status_hint(status: StatusCode) -> &'static str {
 
 fn unauthorized_text(f: &AuthFailure) -> String {
     let AuthFailure { host, repository, access, errors, .. } = f;
+    if *access == "catalog" {
+        return match &f.credentials {
+            Some(origin) => format!(
+                "registry {host} does not let the account from {origin} list its repositories (registry:catalog:*){errors}; \
+                 use an account that may (in Harbor: a system administrator), or name the repositories without globs"
+            ),
+            None => format!(
+                "registry {host} requires authentication to list its repositories{errors} and no credentials are configured \
+                 for it; set registries.\"{host}\".auth (base64 of user:secret) or username and password in the config"
+            ),
+        };
+    }
     match &f.credentials {
         Some(origin) if f.insufficient_scope => format!(
             "registry {host} accepted the credentials from {origin} but they do not grant {access} access to repository \

@@ -3,6 +3,7 @@
 mod auth;
 mod credentials;
 mod error;
+mod listing;
 mod request;
 mod transport;
 

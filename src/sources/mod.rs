@@ -21,6 +21,7 @@ pub mod forward;
 pub mod harbor;
 pub mod message;
 pub mod nats;
+pub mod poll;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -276,6 +277,9 @@ pub struct SourceContext {
 pub async fn build(name: &str, config: &SourceConfig, ctx: &SourceContext) -> Result<Option<(Arc<dyn Source>, Inbox)>, SourceError> {
     match config {
         SourceConfig::Harbor { .. } => Ok(None),
+        // Needs the registry settings and target suffixes of the whole config: `start_all`
+        // builds it with `poll::PollSource::build`.
+        SourceConfig::Poll(_) => Ok(None),
         SourceConfig::Nats(c) => nats::NatsSource::build(name, c, ctx).await.map(Some),
         SourceConfig::Jetstream(c) => nats::JetStreamSource::build(name, c, ctx).await.map(Some),
     }
@@ -294,7 +298,11 @@ const RESTART_MAX: Duration = Duration::from_secs(30);
 pub async fn start_all(config: &Config, ctx: &SourceContext) -> Result<Running, SourceError> {
     let mut built = Vec::new();
     for (name, c) in &config.sources {
-        if let Some(s) = build(name, c, ctx).await? {
+        let source = match c {
+            SourceConfig::Poll(p) => Some(poll::PollSource::build(name, p, config, ctx).await?),
+            other => build(name, other, ctx).await?,
+        };
+        if let Some(s) = source {
             built.push(s);
         }
     }

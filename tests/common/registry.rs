@@ -81,17 +81,27 @@ impl RegistryServer {
         );
         let config_path = dir.path().join("config.yml");
         std::fs::write(&config_path, config).unwrap();
-        let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
-        let child = Command::new(registry_binary())
-            .arg("serve")
-            .arg(&config_path)
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("start docker-registry");
+        let child = spawn_registry(dir.path());
         let mut server = RegistryServer { child, port, dir, token };
         server.wait_ready();
         server
+    }
+
+    /// Stops the registry process (as a crash or an outage would); the data stays.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            assert!(Instant::now() < deadline, "port {} still answers after the registry was stopped", self.port);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts the registry again on the same port with the same data, after [`stop`].
+    pub fn restart(&mut self) {
+        self.child = spawn_registry(self.dir.path());
+        self.wait_ready();
     }
 
     fn wait_ready(&mut self) {
@@ -136,6 +146,18 @@ impl RegistryServer {
             .join("current/link");
         std::fs::read_to_string(link).ok().map(|s| s.trim().to_string())
     }
+}
+
+/// Runs `docker-registry serve` with the `config.yml` in `dir`, appending to its log there.
+fn spawn_registry(dir: &Path) -> Child {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("registry.log")).unwrap();
+    Command::new(registry_binary())
+        .arg("serve")
+        .arg(dir.join("config.yml"))
+        .stdout(Stdio::from(log.try_clone().unwrap()))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("start docker-registry")
 }
 
 impl Drop for RegistryServer {
