@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde_yaml::Value;
 
-use super::{Config, SinkConfig, SourceConfig};
+use super::{Config, SinkConfig, SourceConfig, StoreConfig};
 use crate::oci::Reference;
 
 /// One thing wrong with a config file, with where it is.
@@ -84,6 +84,14 @@ impl Config {
         for host in self.registries.keys() {
             if format!("{host}/x").parse::<Reference>().map(|r| r.registry() != host).unwrap_or(true) {
                 problem(format!("registries.{host}"), "is not a registry host (host or host:port)".into());
+            }
+        }
+        if let StoreConfig::Containerd { address, namespace, .. } = &self.store {
+            if let Err(e) = crate::store::containerd::check_address(address) {
+                problem("store.address".into(), e);
+            }
+            if let Err(e) = crate::store::containerd::check_namespace(namespace) {
+                problem("store.namespace".into(), e);
             }
         }
         if self.tasks.queue_size == 0 {
@@ -271,6 +279,25 @@ mod tests {
         // Inside a `kind`-tagged section the path stops at the section; the message names the value.
         assert_eq!(e.problems()[0].path, "store");
         assert!(e.problems()[0].message.contains("3 parsecs"), "{e}");
+    }
+
+    #[test]
+    fn containerd_store_defaults_and_checks() {
+        let c = parse("store: { kind: containerd }").unwrap();
+        let StoreConfig::Containerd { address, namespace, register_images } = c.store else { panic!("{:?}", c.store) };
+        assert_eq!(address, std::path::Path::new("/run/containerd/containerd.sock"));
+        assert_eq!(namespace, "accel");
+        assert!(!register_images);
+        let c = parse("store: { kind: containerd, address: 'unix:///tmp/c.sock', namespace: a.b-c, register_images: true }").unwrap();
+        assert!(matches!(c.store, StoreConfig::Containerd { register_images: true, .. }));
+
+        let e = parse("store: { kind: containerd, address: relative.sock, namespace: 'no space' }").unwrap_err();
+        let paths: Vec<_> = e.problems().iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(paths, ["store.address", "store.namespace"], "{e}");
+        assert!(e.problems()[0].message.contains("absolute"), "{e}");
+        assert!(e.problems()[1].message.contains("no space"), "{e}");
+        let e = parse("store: { kind: containerd, adress: /x.sock }").unwrap_err();
+        assert!(e.problems()[0].message.contains("adress"), "{e}");
     }
 
     #[test]

@@ -114,6 +114,28 @@ pub enum StoreConfig {
         #[serde(default = "default_store_max_size")]
         max_size: ByteSize,
     },
+    /// The content store of a running containerd (1.3 or newer), through its gRPC API.
+    /// Content is held by a containerd lease while a conversion uses it.
+    Containerd {
+        /// containerd's gRPC socket (`[grpc] address` in its config).
+        #[serde(default = "default_containerd_address")]
+        address: PathBuf,
+        /// containerd namespace that holds the blobs, leases and images.
+        #[serde(default = "default_containerd_namespace")]
+        namespace: String,
+        /// Also record each converted image in containerd's image store under its target
+        /// reference, so `ctr -n NAMESPACE images ls` lists it and its content is kept.
+        #[serde(default)]
+        register_images: bool,
+    },
+}
+
+fn default_containerd_address() -> PathBuf {
+    PathBuf::from("/run/containerd/containerd.sock")
+}
+
+fn default_containerd_namespace() -> String {
+    "accel".into()
 }
 
 fn default_store_max_size() -> ByteSize {

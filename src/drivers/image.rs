@@ -53,6 +53,7 @@ pub trait BlobAccess {
     fn open(&self, digest: &Digest) -> Result<Box<dyn Read + Send>, DriverError>;
 
     /// Stores a new blob whose bytes `write` produces; returns its digest and size. The blob is
-    /// kept for the rest of the conversion and pushed if a descriptor in the draft names it.
+    /// kept for the rest of the conversion (readable with `open` at once) and pushed if a
+    /// descriptor in the draft names it.
     fn add(&self, write: &mut dyn FnMut(&mut dyn Write) -> Result<(), DriverError>) -> Result<(Digest, u64), DriverError>;
 }

@@ -132,7 +132,13 @@ impl Converter {
     }
 
     pub async fn convert(&self, req: &ConvertRequest) -> Result<ConvertResult, ConvertError> {
-        let lease = self.store.lease();
+        let lease = self.store.lease().await?;
+        let result = self.convert_leased(req, &lease).await;
+        lease.release().await;
+        result
+    }
+
+    async fn convert_leased(&self, req: &ConvertRequest, lease: &Lease) -> Result<ConvertResult, ConvertError> {
         let source = &req.source;
         self.progress.stage(Stage::Pulling, source);
         let top = self
@@ -145,11 +151,11 @@ impl Converter {
             for entry in entries {
                 let r = source.repository_only().with_digest(entry.digest.clone());
                 let m = self.retry(&format!("fetch manifest {}", r), || self.registry.get_manifest(&r)).await?;
-                images.push(self.pull_image(source, m.bytes, m.digest, Some(entry), &lease).await?);
+                images.push(self.pull_image(source, m.bytes, m.digest, Some(entry), lease).await?);
             }
             (images, Some(index))
         } else if media_types::is_manifest(&top.media_type) {
-            let image = self.pull_image(source, top.bytes.clone(), top.digest.clone(), None, &lease).await?;
+            let image = self.pull_image(source, top.bytes.clone(), top.digest.clone(), None, lease).await?;
             check_single_platform(source, &image, &req.platforms)?;
             (vec![image], None)
         } else {
@@ -169,7 +175,7 @@ impl Converter {
         self.progress.stage(Stage::Converting, source);
         let mut converted: Vec<Vec<TargetImage>> = drivers.iter().map(|_| Vec::new()).collect();
         for image in &images {
-            for (k, target) in self.convert_image(image, &drivers, &lease).await?.into_iter().enumerate() {
+            for (k, target) in self.convert_image(image, &drivers, lease).await?.into_iter().enumerate() {
                 converted[k].push(target);
             }
         }
@@ -179,7 +185,7 @@ impl Converter {
             async move {
                 self.progress.stage(Stage::Converted, target_ref);
                 self.progress.stage(Stage::Pushing, target_ref);
-                let result = self.push_target(source, top_digest, target_ref, conv, images, index).await?;
+                let result = self.push_target(source, top_digest, target_ref, conv, images, index, lease).await?;
                 self.progress.stage(Stage::Pushed, &result.reference);
                 Ok::<_, ConvertError>(result)
             }
@@ -250,7 +256,7 @@ impl Converter {
 
     /// Makes a blob of the source present in the store; false when it already was.
     async fn pull_blob(&self, source: &Reference, d: &Descriptor, lease: &Lease) -> Result<bool, ConvertError> {
-        lease.add(&d.digest);
+        lease.add(&d.digest).await?;
         if self.store.has(&d.digest).await?.is_some() {
             return Ok(false);
         }
@@ -264,7 +270,7 @@ impl Converter {
                     .get_blob(source, &d.digest)
                     .await
                     .map_err(|e| ConvertError::Registry { action: action.clone(), source: e })?;
-                let mut w = self.store.writer().await?;
+                let mut w = self.store.writer(lease).await?;
                 while let Some(chunk) = blob.stream.next().await {
                     let chunk = chunk.map_err(|e| ConvertError::Registry { action: action.clone(), source: e })?;
                     w.write_all(&chunk).await.map_err(|e| StoreError::Io { path: "ingest".into(), source: e })?;
@@ -292,10 +298,9 @@ impl Converter {
     }
 
     async fn put_small(&self, data: &[u8], lease: &Lease) -> Result<Digest, ConvertError> {
-        let mut w = self.store.writer().await?;
+        let mut w = self.store.writer(lease).await?;
         w.write_all(data).await.map_err(|e| StoreError::Io { path: "ingest".into(), source: e })?;
         let (d, _) = w.commit(Some(&Digest::of(data))).await?;
-        lease.add(&d);
         Ok(d)
     }
 
@@ -344,10 +349,8 @@ impl Converter {
         })
         .await
         .map_err(|e| ConvertError::Join(e.to_string()))?;
-        for d in blobs.added() {
-            lease.add(&d);
-        }
         result.map_err(|source| ConvertError::ImageStep { image: image.reference.to_string(), driver: kind, source })?;
+        blobs.store_added(lease).await?;
         Ok(draft)
     }
 
@@ -366,6 +369,7 @@ impl Converter {
         manifest.layers = layers.into_iter().map(|l| l.descriptor).collect();
         manifest.annotations = annotations;
         let bytes = Bytes::from(serde_json::to_vec(&manifest).expect("manifest serializes"));
+        self.store.put_manifest(media_types::OCI_MANIFEST, &bytes, lease).await?;
         let mut blobs = manifest.layers.clone();
         blobs.push(config_desc);
         let size = bytes.len() as u64 + blobs.iter().map(|b| b.size).sum::<u64>();
@@ -386,7 +390,7 @@ impl Converter {
         let mut writers = Vec::with_capacity(drivers.len());
         for _ in drivers {
             // The bridges block on the runtime from the blocking pool, never from executor threads.
-            writers.push(SyncIoBridge::new(self.store.writer().await?));
+            writers.push(SyncIoBridge::new(self.store.writer(lease).await?));
         }
         let media_type = layer.media_type.clone();
         let input = SyncIoBridge::new(reader);
@@ -424,7 +428,6 @@ impl Converter {
         let mut converted = Vec::with_capacity(outputs.len());
         for (produced, writer) in outputs {
             let (digest, size) = writer.commit(None).await?;
-            lease.add(&digest);
             let mut descriptor = Descriptor::new(&produced.media_type, digest, size);
             descriptor.annotations = produced.annotations;
             let diff_id = produced.diff_id.unwrap_or_else(|| decoded.diff_id.clone());
@@ -433,6 +436,7 @@ impl Converter {
         Ok(converted)
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn push_target(
         &self,
         source: &Reference,
@@ -441,6 +445,7 @@ impl Converter {
         conv: &Conversion,
         images: Vec<TargetImage>,
         index: Option<&ImageIndex>,
+        lease: &Lease,
     ) -> Result<TargetResult, ConvertError> {
         let mount_from = (source.registry() == target.registry() && source.repository() != target.repository()).then_some(source);
         for image in &images {
@@ -459,6 +464,8 @@ impl Converter {
         let Some(index) = index else {
             let image = images.into_iter().next().expect("one image for a manifest source");
             let digest = self.put_manifest(target, media_types::OCI_MANIFEST, image.manifest.clone()).await?;
+            let top = Descriptor::new(media_types::OCI_MANIFEST, digest.clone(), image.manifest.len() as u64);
+            self.store.register_image(target, &top).await?;
             return Ok(TargetResult {
                 driver: driver.kind(),
                 reference: target.clone(),
@@ -490,7 +497,10 @@ impl Converter {
         new_index.annotations.insert(annotations::DRIVER.into(), format!("{}/{}", driver.kind(), driver.version()));
         let bytes = Bytes::from(serde_json::to_vec(&new_index).expect("index serializes"));
         size += bytes.len() as u64;
+        self.store.put_manifest(media_types::OCI_INDEX, &bytes, lease).await?;
+        let top_size = bytes.len() as u64;
         let digest = self.put_manifest(target, media_types::OCI_INDEX, bytes).await?;
+        self.store.register_image(target, &Descriptor::new(media_types::OCI_INDEX, digest.clone(), top_size)).await?;
         Ok(TargetResult { driver: driver.kind(), reference: target.clone(), digest, media_type: media_types::OCI_INDEX.into(), size, platforms })
     }
 

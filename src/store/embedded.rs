@@ -15,7 +15,7 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use tokio::io::AsyncWrite;
 
-use super::{BlobReader, BlobWriter, Lease, Pins, Store, StoreError};
+use super::{BlobReader, BlobWriter, Lease, PinLease, Pins, Store, StoreError};
 use crate::oci::{Digest, Hasher};
 
 pub struct EmbeddedStore {
@@ -86,8 +86,8 @@ impl Inner {
         Ok(out)
     }
 
-    /// Evicts down to `max_size`, never touching `keep` (the blob just committed, which its
-    /// writer has not had a chance to lease yet).
+    /// Evicts down to `max_size`, never touching `keep` (the blob just committed: its lease
+    /// may end with the writer, but the caller has yet to see it).
     async fn evict(&self, keep: &Digest) -> Result<(), StoreError> {
         if self.usage.load(Ordering::Relaxed) <= self.max_size {
             return Ok(());
@@ -133,10 +133,11 @@ impl Store for EmbeddedStore {
         Ok(Box::new(tokio::fs::File::from_std(file)))
     }
 
-    async fn writer(&self) -> Result<Box<dyn BlobWriter>, StoreError> {
+    async fn writer(&self, lease: &Lease) -> Result<Box<dyn BlobWriter>, StoreError> {
+        let lease = lease.pins().expect("an embedded store hands out pin leases only");
         let path = self.inner.root.join("ingest").join(uuid::Uuid::new_v4().to_string());
         let file = tokio::fs::File::create(&path).await.map_err(StoreError::io(&path))?;
-        Ok(Box::new(EmbeddedWriter { inner: self.inner.clone(), path, file, hasher: Hasher::new() }))
+        Ok(Box::new(EmbeddedWriter { inner: self.inner.clone(), lease, path, file, hasher: Hasher::new() }))
     }
 
     async fn delete(&self, digest: &Digest) -> Result<(), StoreError> {
@@ -156,13 +157,14 @@ impl Store for EmbeddedStore {
         Ok(self.inner.usage.load(Ordering::Relaxed))
     }
 
-    fn lease(&self) -> Lease {
-        Lease::new(self.inner.pins.clone())
+    async fn lease(&self) -> Result<Lease, StoreError> {
+        Ok(Lease::new(self.inner.pins.clone()))
     }
 }
 
 struct EmbeddedWriter {
     inner: Arc<Inner>,
+    lease: Arc<PinLease>,
     path: PathBuf,
     file: tokio::fs::File,
     hasher: Hasher,
@@ -219,6 +221,7 @@ impl BlobWriter for EmbeddedWriter {
         if !existed {
             self.inner.usage.fetch_add(size, Ordering::Relaxed);
         }
+        self.lease.add(&digest);
         self.inner.evict(&digest).await?;
         Ok((digest, size))
     }
@@ -230,7 +233,9 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn put(store: &EmbeddedStore, data: &[u8]) -> Digest {
-        let mut w = store.writer().await.unwrap();
+        // A lease of its own, dropped at once: the blob is then free to evict.
+        let lease = store.lease().await.unwrap();
+        let mut w = store.writer(&lease).await.unwrap();
         w.write_all(data).await.unwrap();
         w.commit(Some(&Digest::of(data))).await.unwrap().0
     }
@@ -246,7 +251,8 @@ mod tests {
         assert_eq!(s, "hello");
         assert_eq!(store.usage().await.unwrap(), 5);
 
-        let mut w = store.writer().await.unwrap();
+        let lease = store.lease().await.unwrap();
+        let mut w = store.writer(&lease).await.unwrap();
         w.write_all(b"tampered").await.unwrap();
         let err = w.commit(Some(&Digest::of(b"original"))).await.unwrap_err();
         assert!(matches!(err, StoreError::DigestMismatch { .. }), "{err}");
@@ -280,8 +286,8 @@ mod tests {
         };
         age(&a, 3600);
         age(&b, 1800);
-        let lease = store.lease();
-        lease.add(&a);
+        let lease = store.lease().await.unwrap();
+        lease.add(&a).await.unwrap();
         let c = put(&store, &[b'c'; 10]).await;
         assert!(store.has(&a).await.unwrap().is_some(), "leased blob was evicted");
         assert!(store.has(&b).await.unwrap().is_none());

@@ -1,7 +1,9 @@
 //! Content store: blobs kept between pull, convert and push, addressed by digest.
 //!
-//! `EmbeddedStore` (local disk) is the default; other back ends implement the same trait.
+//! `EmbeddedStore` (local disk) is the default; `ContainerdStore` keeps blobs in a running
+//! containerd's content store. Both implement the same trait.
 
+pub mod containerd;
 mod embedded;
 
 use std::collections::HashMap;
@@ -11,10 +13,11 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+pub use containerd::{ContainerdError, ContainerdStore};
 pub use embedded::EmbeddedStore;
 
 use crate::config::StoreConfig;
-use crate::oci::Digest;
+use crate::oci::{Descriptor, Digest, Reference};
 
 pub type BlobReader = Box<dyn AsyncRead + Send + Unpin>;
 
@@ -26,6 +29,8 @@ pub enum StoreError {
     DigestMismatch { expected: Digest, actual: Digest, size: u64 },
     #[error("content store at {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Containerd(#[from] ContainerdError),
 }
 
 impl StoreError {
@@ -36,7 +41,11 @@ impl StoreError {
 
     /// A digest mismatch may be a truncated download; retrying the pull can succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::DigestMismatch { .. })
+        match self {
+            StoreError::DigestMismatch { .. } => true,
+            StoreError::Containerd(e) => e.is_retryable(),
+            _ => false,
+        }
     }
 }
 
@@ -53,12 +62,32 @@ pub trait Store: Send + Sync {
     /// Size of the blob when present.
     async fn has(&self, digest: &Digest) -> Result<Option<u64>, StoreError>;
     async fn reader(&self, digest: &Digest) -> Result<BlobReader, StoreError>;
-    async fn writer(&self) -> Result<Box<dyn BlobWriter>, StoreError>;
+    /// A writer whose blob, once committed, is held by `lease` (with no gap in which it could
+    /// be evicted or collected).
+    async fn writer(&self, lease: &Lease) -> Result<Box<dyn BlobWriter>, StoreError>;
     async fn delete(&self, digest: &Digest) -> Result<(), StoreError>;
     /// Bytes held by committed blobs.
     async fn usage(&self) -> Result<u64, StoreError>;
-    /// Keeps blobs from eviction while the returned lease lives.
-    fn lease(&self) -> Lease;
+    /// Keeps blobs from eviction (or garbage collection) until the lease is released.
+    async fn lease(&self) -> Result<Lease, StoreError>;
+
+    /// Stores a manifest or index that accel wrote. Stores with garbage collection also
+    /// record what it refers to, so that whatever keeps it keeps its config, layers and
+    /// child manifests too.
+    async fn put_manifest(&self, media_type: &str, bytes: &[u8], lease: &Lease) -> Result<Digest, StoreError> {
+        use tokio::io::AsyncWriteExt;
+        let _ = media_type;
+        let mut w = self.writer(lease).await?;
+        w.write_all(bytes).await.map_err(StoreError::io("ingest"))?;
+        Ok(w.commit(Some(&Digest::of(bytes))).await?.0)
+    }
+
+    /// Records a converted image under `name` once it is pushed, for stores that keep image
+    /// records (containerd with `register_images`). Others keep nothing.
+    async fn register_image(&self, name: &Reference, target: &Descriptor) -> Result<(), StoreError> {
+        let _ = (name, target);
+        Ok(())
+    }
 }
 
 /// Builds the store a config names.
@@ -67,6 +96,9 @@ pub async fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
         StoreConfig::Embedded { path, max_size } => {
             let path = path.clone().unwrap_or_else(default_store_path);
             Ok(Arc::new(EmbeddedStore::open(&path, max_size.bytes()).await?))
+        }
+        StoreConfig::Containerd { address, namespace, register_images } => {
+            Ok(Arc::new(ContainerdStore::open(address, namespace, *register_images).await?))
         }
     }
 }
@@ -89,24 +121,72 @@ impl Pins {
     }
 }
 
-/// Protects the blobs added to it from eviction until dropped.
-pub struct Lease {
+/// Protects the blobs added to it (or written under it) until released or dropped.
+pub struct Lease(LeaseKind);
+
+enum LeaseKind {
+    Pins(Arc<PinLease>),
+    Containerd(containerd::RemoteLease),
+}
+
+impl Lease {
+    /// A lease over in-process pin counts.
+    pub fn new(pins: Pins) -> Self {
+        Lease(LeaseKind::Pins(Arc::new(PinLease { pins, held: Mutex::new(Vec::new()) })))
+    }
+
+    pub(crate) fn containerd(lease: containerd::RemoteLease) -> Self {
+        Lease(LeaseKind::Containerd(lease))
+    }
+
+    /// Holds `d`, present or not yet written.
+    pub async fn add(&self, d: &Digest) -> Result<(), StoreError> {
+        match &self.0 {
+            LeaseKind::Pins(p) => {
+                p.add(d);
+                Ok(())
+            }
+            LeaseKind::Containerd(l) => l.add(d).await,
+        }
+    }
+
+    /// Ends the lease now. Dropping it does the same, but in the background for remote stores.
+    pub async fn release(self) {
+        match self.0 {
+            LeaseKind::Pins(_) => {}
+            LeaseKind::Containerd(l) => l.release().await,
+        }
+    }
+
+    fn pins(&self) -> Option<Arc<PinLease>> {
+        match &self.0 {
+            LeaseKind::Pins(p) => Some(p.clone()),
+            LeaseKind::Containerd(_) => None,
+        }
+    }
+
+    fn containerd_id(&self) -> Option<&str> {
+        match &self.0 {
+            LeaseKind::Containerd(l) => Some(l.id()),
+            LeaseKind::Pins(_) => None,
+        }
+    }
+}
+
+/// The pins one lease holds on an [`EmbeddedStore`].
+struct PinLease {
     pins: Pins,
     held: Mutex<Vec<Digest>>,
 }
 
-impl Lease {
-    pub fn new(pins: Pins) -> Self {
-        Lease { pins, held: Mutex::new(Vec::new()) }
-    }
-
-    pub fn add(&self, d: &Digest) {
+impl PinLease {
+    fn add(&self, d: &Digest) {
         *self.pins.0.lock().unwrap().entry(d.clone()).or_default() += 1;
         self.held.lock().unwrap().push(d.clone());
     }
 }
 
-impl Drop for Lease {
+impl Drop for PinLease {
     fn drop(&mut self) {
         let mut pins = self.pins.0.lock().unwrap();
         for d in self.held.lock().unwrap().drain(..) {

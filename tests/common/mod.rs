@@ -1,5 +1,6 @@
 //! Shared test harness: real servers on loopback and real-content image fixtures.
 #![allow(dead_code)]
 
+pub mod containerd;
 pub mod fixtures;
 pub mod registry;
