@@ -45,6 +45,11 @@ ensure_fixture() {
 }
 
 build_accelctl() {
+	if [ -n "${ACCELCTL:-}" ]; then
+		accelctl=$ACCELCTL
+		[ -x "$accelctl" ] || die "ACCELCTL=$accelctl is not an executable"
+		return
+	fi
 	if ! command -v cargo >/dev/null 2>&1 && [ -x "${HOME:-/root}/.cargo/bin/cargo" ]; then
 		PATH=${HOME:-/root}/.cargo/bin:$PATH
 	fi

@@ -12,7 +12,8 @@
 #                   conversion: one decode feeding every driver against one decode per driver)
 #   --keep          keep the work directory and print its path
 #
-# Environment: ACCEL_FIXTURE_CACHE, ACCEL_BENCH_TMP, CARGO_TARGET_DIR as for bench/estargz.sh.
+# Environment: ACCEL_FIXTURE_CACHE, ACCEL_BENCH_TMP, CARGO_TARGET_DIR as for bench/estargz.sh;
+# ACCELCTL=PATH uses that accelctl build instead of building one.
 # Needs root. Exits 0 whether or not the targets are met; non-zero only when something failed.
 set -euo pipefail
 
