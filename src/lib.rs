@@ -6,6 +6,7 @@
 //! results go to `sinks`. The binaries `accelctl` and `acceld` are thin wrappers over this crate.
 
 pub mod api;
+pub mod bus;
 pub mod config;
 pub mod drivers;
 pub mod oci;

@@ -1,4 +1,5 @@
-//! Assembly of `acceld`: task database, workers and the HTTP server, and their orderly stop.
+//! Assembly of `acceld`: sinks, task database, workers, bus sources and the HTTP server, and
+//! their orderly stop.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,14 +10,19 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::{router, AppState};
-use crate::config::Config;
+use crate::config::{Config, SourceConfig};
 use crate::drivers::DriverError;
 use crate::pipeline::metrics::TaskMetrics;
 use crate::pipeline::tasks::{TaskStore, TaskStoreError};
 use crate::pipeline::worker::WorkerOptions;
 use crate::pipeline::{ConverterRunner, Plan, Router, Runner, Workers};
 use crate::registry::{RegistryClient, RegistryError};
+use crate::sinks::delivery::{Backoff, Delivery};
+use crate::sources::{SourceContext, SourceError};
 use crate::store::StoreError;
+
+/// How long bus sources get to stop reading at shutdown.
+const SOURCE_STOP: Duration = Duration::from_secs(10);
 
 /// How long requests still open after the workers stopped get to finish.
 const HTTP_DRAIN: Duration = Duration::from_secs(5);
@@ -35,6 +41,10 @@ pub enum RunError {
     Bind { addr: String, source: std::io::Error },
     #[error("HTTP server: {0}")]
     Serve(std::io::Error),
+    #[error("sinks: {0}")]
+    Sinks(String),
+    #[error("{0}")]
+    Source(#[from] SourceError),
 }
 
 /// Runs `acceld` until `shutdown` is cancelled: resumes unfinished tasks, serves the API on
@@ -56,21 +66,49 @@ pub async fn serve(config: Config, runner: Arc<dyn Runner>, listener: TcpListene
         tracing::warn!("the config has no pipelines: events are accepted but nothing is converted");
     }
     let router_ = Router::new(&config, plans);
+    // Sinks first: one that cannot work stops acceld before it takes any event.
+    let sinks = crate::sinks::build_all(&config).await.map_err(RunError::Sinks)?;
     let path = config.tasks.path.clone().unwrap_or_else(default_tasks_path);
     let store = tokio::task::spawn_blocking(move || TaskStore::open(&path))
         .await
         .map_err(|e| TaskStoreError::Db(format!("opening the task database stopped: {e}")))??;
     tracing::info!("task database: {}", store.path().display());
+    let metrics = Arc::new(TaskMetrics::default());
+    let delivery = Delivery::start(&config, store.clone(), sinks, metrics.clone(), Backoff::default());
     let workers = Workers::start(
         store,
         runner,
         router_,
         WorkerOptions::from_config(&config),
-        Arc::new(TaskMetrics::default()),
+        metrics,
+        Some(Arc::new(delivery.clone())),
         shutdown.clone(),
     )
     .await?;
-    let app = router(AppState::new(&config, workers.clone())).into_make_service_with_connect_info::<SocketAddr>();
+    let ctx = SourceContext { workers: workers.clone(), shutdown: shutdown.clone() };
+    let sources = match crate::sources::start_all(&config, &ctx).await {
+        Ok(s) => s,
+        Err(e) => {
+            shutdown.cancel();
+            workers.stop().await;
+            delivery.stop().await;
+            return Err(e.into());
+        }
+    };
+    for name in sources.names() {
+        tracing::info!(source = %name, "reading events");
+    }
+    let forward = match harbor_forward(&config).await {
+        Ok(f) => f,
+        Err(e) => {
+            shutdown.cancel();
+            sources.stop(SOURCE_STOP).await;
+            workers.stop().await;
+            delivery.stop().await;
+            return Err(e.into());
+        }
+    };
+    let app = router(AppState::with_forward(&config, workers.clone(), forward)).into_make_service_with_connect_info::<SocketAddr>();
     let addr = listener.local_addr().map_err(RunError::Serve)?;
     tracing::info!("[API] HTTP server started on {addr}");
     let stop_http = shutdown.clone();
@@ -80,7 +118,10 @@ pub async fn serve(config: Config, runner: Arc<dyn Runner>, listener: TcpListene
 
     shutdown.cancelled().await;
     tracing::info!("shutting down: no new work is taken; running conversions may finish");
+    sources.stop(SOURCE_STOP).await;
     workers.stop().await;
+    // Results of the conversions that finished in the grace period, while there is time.
+    delivery.stop().await;
     // Requests waiting for a task that did not finish have been answered by now.
     match tokio::time::timeout(HTTP_DRAIN, server).await {
         Ok(Ok(Ok(()))) => {}
@@ -91,11 +132,26 @@ pub async fn serve(config: Config, runner: Arc<dyn Runner>, listener: TcpListene
     // Closed before returning, so the same database can be opened again at once.
     let store = workers.store().clone();
     drop(workers);
+    drop(delivery);
+    drop(ctx);
     if !store.close(HTTP_DRAIN).await {
         tracing::warn!("the task database was still in use when acceld stopped");
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The bus the Harbor source forwards webhooks to, when it is configured to.
+async fn harbor_forward(config: &Config) -> Result<Option<Arc<dyn crate::sources::forward::Forward>>, SourceError> {
+    let origin = Router::harbor_origin(config);
+    match config.sources.get(&origin) {
+        Some(SourceConfig::Harbor { forward: Some(f) }) => {
+            let fw = crate::sources::forward::build(&origin, f).await?;
+            tracing::info!(source = %origin, "Harbor webhooks are forwarded to {}", fw.target());
+            Ok(Some(fw))
+        }
+        _ => Ok(None),
+    }
 }
 
 fn default_tasks_path() -> PathBuf {

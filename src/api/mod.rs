@@ -30,6 +30,7 @@ use crate::config::Config;
 use crate::pipeline::tasks::TaskStatus;
 use crate::pipeline::worker::SubmitError;
 use crate::pipeline::{Router, Workers};
+use crate::sources::forward::Forward;
 use crate::sources::harbor::{self, PayloadError, Webhook};
 
 pub const CONVERSIONS_PATH: &str = "/api/v1/conversions";
@@ -50,18 +51,26 @@ struct Inner {
     max_body_bytes: u64,
     /// Source name of events posted here.
     origin: String,
+    /// Where accepted webhooks go instead of the local workers, when configured.
+    forward: Option<Arc<dyn Forward>>,
     http: HttpMetrics,
     started: Instant,
 }
 
 impl AppState {
     pub fn new(config: &Config, workers: Workers) -> Self {
+        Self::with_forward(config, workers, None)
+    }
+
+    /// Like [`new`](Self::new); accepted webhooks are forwarded to `forward` when given.
+    pub fn with_forward(config: &Config, workers: Workers, forward: Option<Arc<dyn Forward>>) -> Self {
         AppState {
             inner: Arc::new(Inner {
                 workers,
                 auth: config.server.auth_header.as_ref().map(|s| Sha256::digest(s.expose().as_bytes()).into()),
                 max_body_bytes: config.server.max_body_bytes.bytes(),
                 origin: Router::harbor_origin(config),
+                forward,
                 http: HttpMetrics::default(),
                 started: Instant::now(),
             }),
@@ -247,12 +256,16 @@ async fn create(State(st): State<AppState>, req: Request) -> Result<Response, Ap
             events
         }
     };
+    if let Some(forward) = &st.inner.forward {
+        return forward_webhook(forward.as_ref(), &body, content_type, sync, events.len()).await;
+    }
     let workers = &st.inner.workers;
     let accepted = workers.accept(&events).await?;
     let mut resp = CreateResponse {
         tasks: accepted.tasks.iter().map(|s| CreatedTask { task: TaskView::from(&s.task), duplicate: !s.created }).collect(),
         skipped: accepted.skipped,
         ignored: None,
+        forwarded: None,
     };
     if !sync {
         return Ok(axum::Json(resp).into_response());
@@ -279,6 +292,32 @@ async fn create(State(st): State<AppState>, req: Request) -> Result<Response, Ap
         return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "conversion_failed", failures.join("; ")));
     }
     Ok(axum::Json(resp).into_response())
+}
+
+/// Publishes an accepted webhook into the bus; answers 200 once the bus has it, 503 when it
+/// cannot be reached (Harbor sends it again).
+async fn forward_webhook(forward: &dyn Forward, body: &[u8], content_type: Option<&str>, sync: bool, images: usize) -> Result<Response, ApiError> {
+    if sync {
+        return Err(ApiError {
+            status: StatusCode::BAD_REQUEST,
+            body: ErrorBody {
+                code: "invalid_field".into(),
+                message: "sync=true cannot be served: webhooks are forwarded to the bus and converted by whichever instance reads them".into(),
+                field: Some("sync".into()),
+            },
+        });
+    }
+    match forward.forward(body, content_type).await {
+        Ok(()) => {
+            tracing::info!(module = %"api", "forwarded a push of {images} image(s) to {}", forward.target());
+            let resp = CreateResponse { forwarded: Some(forward.target()), ..Default::default() };
+            Ok(axum::Json(resp).into_response())
+        }
+        Err(why) => {
+            tracing::warn!(module = %"api", "cannot forward the webhook: {why}");
+            Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "bus_unavailable", format!("cannot forward the event: {why}; send it again later")))
+        }
+    }
 }
 
 async fn list(State(st): State<AppState>) -> Result<axum::Json<Vec<TaskView>>, ApiError> {

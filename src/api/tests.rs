@@ -79,6 +79,7 @@ async fn api_with(yaml: &str, stand: Stand, queue_size: usize) -> Api {
         Router::new(&config, Plan::all(&config).unwrap()),
         options,
         Arc::new(TaskMetrics::default()),
+        None,
         shutdown.clone(),
     )
     .await

@@ -72,6 +72,9 @@ pub struct CreateResponse {
     /// Set when the event type is not one that converts anything.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ignored: Option<String>,
+    /// Set when the webhook was forwarded into a bus instead of converted here: where to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forwarded: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -155,17 +155,25 @@ impl Config {
                 }
             }
         }
-        // Keep the variants referenced so adding a kind forces a look here.
         for (name, s) in &self.sources {
+            let at = format!("sources.{name}");
             match s {
-                SourceConfig::Harbor {} => {
-                    let _ = name;
+                SourceConfig::Harbor { forward } => {
+                    if let Some(f) = forward {
+                        f.check(&format!("{at}.forward"), &mut problem);
+                    }
                 }
+                SourceConfig::Nats(c) => c.check(&at, &mut problem),
+                SourceConfig::Jetstream(c) => c.check(&at, &mut problem),
             }
         }
-        for s in self.sinks.values() {
+        for (name, s) in &self.sinks {
+            let at = format!("sinks.{name}");
             match s {
                 SinkConfig::Stdout {} => {}
+                SinkConfig::File(c) => c.check(&at, &mut problem),
+                SinkConfig::Http(c) => c.check(&at, &mut problem),
+                SinkConfig::Nats(c) | SinkConfig::Jetstream(c) => c.check(&at, &mut problem),
             }
         }
         out

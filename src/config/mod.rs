@@ -1,6 +1,7 @@
 //! `pipelines.yaml`: the schema shared by `accelctl` and `acceld`, `${VAR}` expansion, and
 //! validation that reports every problem with its path.
 
+pub mod bus;
 mod load;
 mod units;
 
@@ -9,6 +10,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use bus::{AckWhen, FileSinkConfig, ForwardConfig, HttpSinkConfig, JetStreamSourceConfig, NatsAuth, NatsPublishConfig, NatsSourceConfig};
 pub use load::{ConfigError, Problem};
 pub use units::{string_or_list, ByteSize, Secret};
 
@@ -163,18 +165,63 @@ pub struct RegistryConfig {
     pub insecure: bool,
 }
 
+/// One event source, by `kind`. Each kind's module under `src/sources/` builds and runs it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum SourceConfig {
     /// Harbor webhooks (`artifact pushed`) posted to `/api/v1/conversions`.
-    Harbor {},
+    Harbor {
+        /// Forward each accepted webhook into a bus instead of converting it here; the webhook
+        /// is answered once the bus has it, and every instance reading the bus shares the work.
+        #[serde(default)]
+        forward: Option<ForwardConfig>,
+    },
+    /// A NATS core subject (`src/sources/nats.rs`).
+    Nats(NatsSourceConfig),
+    /// A JetStream durable pull consumer (`src/sources/nats.rs`).
+    Jetstream(JetStreamSourceConfig),
+    // Kafka topics (`kafka`) and registry polling (`poll`) go here, one variant each.
 }
 
+impl SourceConfig {
+    /// The `kind` as written in the config.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SourceConfig::Harbor { .. } => "harbor",
+            SourceConfig::Nats(_) => "nats",
+            SourceConfig::Jetstream(_) => "jetstream",
+        }
+    }
+}
+
+/// One result sink, by `kind`. Each kind's module under `src/sinks/` builds it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum SinkConfig {
     /// One JSON result per line on standard output.
     Stdout {},
+    /// One JSON result per line appended to a file.
+    File(FileSinkConfig),
+    /// Each result POSTed to a URL.
+    Http(HttpSinkConfig),
+    /// Each result published to a NATS subject.
+    Nats(NatsPublishConfig),
+    /// Each result published to a JetStream subject, waiting for the stream's acknowledgement.
+    Jetstream(NatsPublishConfig),
+    // Kafka topics (`kafka`) go here.
+}
+
+impl SinkConfig {
+    /// The `kind` as written in the config.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SinkConfig::Stdout {} => "stdout",
+            SinkConfig::File(_) => "file",
+            SinkConfig::Http(_) => "http",
+            SinkConfig::Nats(_) => "nats",
+            SinkConfig::Jetstream(_) => "jetstream",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

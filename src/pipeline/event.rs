@@ -74,7 +74,7 @@ impl Router {
         config
             .sources
             .iter()
-            .find(|(_, s)| matches!(s, SourceConfig::Harbor {}))
+            .find(|(_, s)| matches!(s, SourceConfig::Harbor { .. }))
             .map(|(name, _)| name.clone())
             .unwrap_or_else(|| "harbor".into())
     }

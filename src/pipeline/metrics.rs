@@ -96,6 +96,12 @@ struct Inner {
     durations: BTreeMap<(String, TaskStatus), Histogram>,
     source_bytes: BTreeMap<String, u64>,
     target_bytes: BTreeMap<(String, String), u64>,
+    /// Bus messages by (source, outcome).
+    messages: BTreeMap<(String, &'static str), u64>,
+    /// Result deliveries by (sink, outcome).
+    deliveries: BTreeMap<(String, &'static str), u64>,
+    /// Results waiting to be delivered, by sink.
+    undelivered: BTreeMap<String, u64>,
 }
 
 impl TaskMetrics {
@@ -148,6 +154,27 @@ impl TaskMetrics {
         }
     }
 
+    /// A message from a bus source was dealt with; `outcome` is a fixed word (`accepted`,
+    /// `ignored`, `malformed`, `dead_lettered`, `retried`, …).
+    pub fn source_message(&self, source: &str, outcome: &'static str) {
+        *self.inner.lock().unwrap().messages.entry((source.into(), outcome)).or_default() += 1;
+    }
+
+    /// Messages from `source` with `outcome`, as counted here.
+    pub fn source_messages(&self, source: &str, outcome: &'static str) -> u64 {
+        self.inner.lock().unwrap().messages.get(&(source.to_string(), outcome)).copied().unwrap_or(0)
+    }
+
+    /// A try at delivering a result to a sink; `outcome` is `ok`, `error` or `rejected`.
+    pub fn sink_delivery(&self, sink: &str, outcome: &'static str) {
+        *self.inner.lock().unwrap().deliveries.entry((sink.into(), outcome)).or_default() += 1;
+    }
+
+    /// Results waiting for a sink right now.
+    pub fn sink_undelivered(&self, sink: &str, n: u64) {
+        self.inner.lock().unwrap().undelivered.insert(sink.into(), n);
+    }
+
     /// Tasks of a pipeline and driver in PROCESSING, as counted here.
     pub fn processing(&self, pipeline: &str, driver: &str) -> i64 {
         self.inner.lock().unwrap().processing.get(&(pipeline.to_string(), driver.to_string())).copied().unwrap_or(0)
@@ -193,6 +220,21 @@ impl TaskMetrics {
         for ((p, s), h) in &m.durations {
             h.write(out, "accel_conversion_duration_seconds", &format!("pipeline=\"{}\",status=\"{s}\"", label(p)));
         }
+        let _ = writeln!(out, "# HELP accel_source_messages_total Messages read from bus sources, by outcome.");
+        let _ = writeln!(out, "# TYPE accel_source_messages_total counter");
+        for ((src, o), n) in &m.messages {
+            let _ = writeln!(out, "accel_source_messages_total{{source=\"{}\",outcome=\"{o}\"}} {n}", label(src));
+        }
+        let _ = writeln!(out, "# HELP accel_sink_deliveries_total Tries at delivering results to sinks, by outcome.");
+        let _ = writeln!(out, "# TYPE accel_sink_deliveries_total counter");
+        for ((sink, o), n) in &m.deliveries {
+            let _ = writeln!(out, "accel_sink_deliveries_total{{sink=\"{}\",outcome=\"{o}\"}} {n}", label(sink));
+        }
+        let _ = writeln!(out, "# HELP accel_sink_undelivered Results waiting to be delivered to a sink.");
+        let _ = writeln!(out, "# TYPE accel_sink_undelivered gauge");
+        for (sink, n) in &m.undelivered {
+            let _ = writeln!(out, "accel_sink_undelivered{{sink=\"{}\"}} {n}", label(sink));
+        }
         let _ = writeln!(out, "# HELP accel_queue_depth Tasks waiting for a worker.");
         let _ = writeln!(out, "# TYPE accel_queue_depth gauge");
         for q in queues {
@@ -234,6 +276,11 @@ mod tests {
         assert_eq!(m.processing("p", "estargz"), 2);
         m.task_finished("p", &d, TaskStatus::Completed, Duration::from_secs(3), 100, &[("estargz".into(), 80)]);
         assert_eq!(m.processing("p", "estargz"), 1);
+        m.source_message("bus", "malformed");
+        m.source_message("bus", "malformed");
+        m.sink_delivery("hook", "ok");
+        m.sink_undelivered("hook", 3);
+        assert_eq!(m.source_messages("bus", "malformed"), 2);
         let mut out = String::new();
         m.render(&mut out, &[QueueDepth { pipeline: "p".into(), depth: 1, capacity: 8 }]);
         for line in [
@@ -244,6 +291,9 @@ mod tests {
             "accel_target_bytes_total{pipeline=\"p\",driver=\"estargz\"} 80",
             "accel_conversion_duration_seconds_bucket{pipeline=\"p\",status=\"COMPLETED\",le=\"5\"} 1",
             "accel_queue_depth{pipeline=\"p\"} 1",
+            "accel_source_messages_total{source=\"bus\",outcome=\"malformed\"} 2",
+            "accel_sink_deliveries_total{sink=\"hook\",outcome=\"ok\"} 1",
+            "accel_sink_undelivered{sink=\"hook\"} 3",
         ] {
             assert!(out.lines().any(|l| l == line), "missing {line:?} in:\n{out}");
         }

@@ -22,6 +22,9 @@ use crate::oci::{Digest, Platform, Reference};
 const TASKS: TableDefinition<&str, &[u8]> = TableDefinition::new("tasks");
 /// Idempotency key → id of the task that holds it.
 const KEYS: TableDefinition<&str, &str> = TableDefinition::new("keys");
+/// `sink NUL sequence` → a result not yet delivered to that sink. Written in the same
+/// transaction as the finished task, so a result is never finished but forgotten.
+const OUTBOX: TableDefinition<&str, &[u8]> = TableDefinition::new("outbox");
 
 /// Writes waiting for the writer thread; senders wait beyond this.
 const WRITE_QUEUE: usize = 4096;
@@ -224,10 +227,28 @@ type Reply<T> = oneshot::Sender<Result<T, TaskStoreError>>;
 
 enum Op {
     Insert(Vec<Prepared>, Reply<Vec<Inserted>>),
-    /// Writes a task; also points `keys` at it.
-    Put(Box<Task>, Vec<String>, Reply<()>),
+    /// Writes a task; also points `keys` at it and adds outbox entries.
+    Put(Box<Task>, Vec<String>, Vec<Undelivered>, Reply<()>),
+    /// Removes delivered outbox entries.
+    Delivered(Vec<String>, Reply<()>),
     /// Deletes finished tasks that finished before the time.
     Purge(DateTime<Utc>, Reply<usize>),
+}
+
+/// A result waiting to be delivered to a sink.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Undelivered {
+    /// Outbox key; ordered by when the result was recorded.
+    pub key: String,
+    pub sink: String,
+    pub body: Vec<u8>,
+}
+
+impl Undelivered {
+    /// A new entry for `sink`, ordered after every earlier one.
+    pub fn new(sink: &str, body: Vec<u8>) -> Undelivered {
+        Undelivered { key: format!("{sink}\u{0}{}", Uuid::now_v7()), sink: sink.to_string(), body }
+    }
 }
 
 /// Handle to the task database. Cheap to clone.
@@ -269,6 +290,7 @@ impl TaskStore {
         let txn = db.begin_write()?;
         txn.open_table(TASKS)?;
         txn.open_table(KEYS)?;
+        txn.open_table(OUTBOX)?;
         txn.commit()?;
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
@@ -317,7 +339,60 @@ impl TaskStore {
     /// Writes a task's new state durably, and points `extra_keys` at it (a source resolved to a
     /// digest gets the digest's key once converted).
     pub async fn put(&self, task: &Task, extra_keys: Vec<String>) -> Result<(), TaskStoreError> {
-        self.write(|reply| Op::Put(Box::new(task.clone()), extra_keys, reply)).await
+        self.write(|reply| Op::Put(Box::new(task.clone()), extra_keys, Vec::new(), reply)).await
+    }
+
+    /// Like [`put`](Self::put), and records results for sinks in the same transaction.
+    pub async fn put_with_results(&self, task: &Task, extra_keys: Vec<String>, results: Vec<Undelivered>) -> Result<(), TaskStoreError> {
+        self.write(|reply| Op::Put(Box::new(task.clone()), extra_keys, results, reply)).await
+    }
+
+    /// Removes outbox entries once their sink has the result.
+    pub async fn delivered(&self, keys: Vec<String>) -> Result<(), TaskStoreError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.write(|reply| Op::Delivered(keys, reply)).await
+    }
+
+    /// Up to `limit` results waiting for `sink`, oldest first, after the key `after` if given.
+    pub async fn undelivered(&self, sink: &str, after: Option<String>, limit: usize) -> Result<Vec<Undelivered>, TaskStoreError> {
+        let sink = sink.to_string();
+        self.read(move |db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(OUTBOX)?;
+            let start = after.unwrap_or_else(|| format!("{sink}\u{0}"));
+            let end = format!("{sink}\u{1}");
+            let mut out = Vec::new();
+            for row in table.range(start.as_str()..end.as_str())? {
+                let (k, v) = row?;
+                if k.value() == start {
+                    continue;
+                }
+                out.push(Undelivered { key: k.value().to_string(), sink: sink.clone(), body: v.value().to_vec() });
+                if out.len() >= limit {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Results waiting, per sink name.
+    pub async fn undelivered_counts(&self) -> Result<std::collections::BTreeMap<String, u64>, TaskStoreError> {
+        self.read(|db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(OUTBOX)?;
+            let mut out = std::collections::BTreeMap::new();
+            for row in table.iter()? {
+                let (k, _) = row?;
+                let sink = k.value().split('\u{0}').next().unwrap_or_default().to_string();
+                *out.entry(sink).or_insert(0) += 1;
+            }
+            Ok(out)
+        })
+        .await
     }
 
     /// Deletes tasks that finished before `before`; returns how many.
@@ -458,6 +533,7 @@ fn apply(db: &Database, batch: Vec<Op>, done: &mut Vec<Done>) -> Result<(), Task
         {
             let mut tasks = txn.open_table(TASKS)?;
             let mut keys = txn.open_table(KEYS)?;
+            let mut outbox = txn.open_table(OUTBOX)?;
             for op in ops.by_ref() {
                 match op {
                     Op::Insert(new, reply) => match insert(&mut tasks, &mut keys, new) {
@@ -467,7 +543,14 @@ fn apply(db: &Database, batch: Vec<Op>, done: &mut Vec<Done>) -> Result<(), Task
                             return Err(e);
                         }
                     },
-                    Op::Put(task, extra_keys, reply) => match put(&mut tasks, &mut keys, &task, &extra_keys) {
+                    Op::Put(task, extra_keys, results, reply) => match put(&mut tasks, &mut keys, &mut outbox, &task, &extra_keys, &results) {
+                        Ok(()) => done.push(Done::Put(reply)),
+                        Err(e) => {
+                            let _ = reply.send(Err(e.clone()));
+                            return Err(e);
+                        }
+                    },
+                    Op::Delivered(gone, reply) => match delivered(&mut outbox, &gone) {
                         Ok(()) => done.push(Done::Put(reply)),
                         Err(e) => {
                             let _ = reply.send(Err(e.clone()));
@@ -492,7 +575,7 @@ fn apply(db: &Database, batch: Vec<Op>, done: &mut Vec<Done>) -> Result<(), Task
         for op in ops {
             match op {
                 Op::Insert(_, r) => drop(r.send(Err(e.clone()))),
-                Op::Put(_, _, r) => drop(r.send(Err(e.clone()))),
+                Op::Put(_, _, _, r) | Op::Delivered(_, r) => drop(r.send(Err(e.clone()))),
                 Op::Purge(_, r) => drop(r.send(Err(e.clone()))),
             }
         }
@@ -522,11 +605,23 @@ fn insert(tasks: &mut Tasks, keys: &mut Keys, new: Vec<Prepared>) -> Result<Vec<
     Ok(out)
 }
 
-fn put(tasks: &mut Tasks, keys: &mut Keys, task: &Task, extra_keys: &[String]) -> Result<(), TaskStoreError> {
+type Outbox<'t> = redb::Table<'t, &'static str, &'static [u8]>;
+
+fn put(tasks: &mut Tasks, keys: &mut Keys, outbox: &mut Outbox, task: &Task, extra_keys: &[String], results: &[Undelivered]) -> Result<(), TaskStoreError> {
     let id = task.id.to_string();
     tasks.insert(id.as_str(), encode(task).as_slice())?;
     for k in extra_keys {
         keys.insert(k.as_str(), id.as_str())?;
+    }
+    for r in results {
+        outbox.insert(r.key.as_str(), r.body.as_slice())?;
+    }
+    Ok(())
+}
+
+fn delivered(outbox: &mut Outbox, gone: &[String]) -> Result<(), TaskStoreError> {
+    for k in gone {
+        outbox.remove(k.as_str())?;
     }
     Ok(())
 }
@@ -681,6 +776,30 @@ mod tests {
         assert_eq!(store.find(&old.key).await.unwrap(), None);
         assert_eq!(store.find("extra").await.unwrap(), None);
         assert_eq!(store.count().await.unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn results_wait_in_the_outbox_until_delivered_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.redb");
+        let store = TaskStore::open(&path).unwrap();
+        let mut t = store.insert(vec![new_task("h.io/a:1", true)]).await.unwrap()[0].task().clone();
+        t.status = TaskStatus::Completed;
+        let a1 = Undelivered::new("a", b"1".to_vec());
+        let b1 = Undelivered::new("b", b"1".to_vec());
+        let a2 = Undelivered::new("a", b"2".to_vec());
+        store.put_with_results(&t, vec![], vec![a1.clone(), b1.clone(), a2.clone()]).await.unwrap();
+        assert_eq!(store.get(t.id).await.unwrap().unwrap().status, TaskStatus::Completed);
+        assert_eq!(store.undelivered("a", None, 10).await.unwrap(), vec![a1.clone(), a2.clone()]);
+        assert_eq!(store.undelivered("a", None, 1).await.unwrap(), vec![a1.clone()]);
+        assert_eq!(store.undelivered("a", Some(a1.key.clone()), 10).await.unwrap(), vec![a2.clone()]);
+        assert_eq!(store.undelivered("ab", None, 10).await.unwrap(), vec![]);
+        store.delivered(vec![a1.key.clone()]).await.unwrap();
+        drop(store);
+        let store = TaskStore::open(&path).unwrap();
+        assert_eq!(store.undelivered("a", None, 10).await.unwrap(), vec![a2]);
+        let counts = store.undelivered_counts().await.unwrap();
+        assert_eq!(counts.into_iter().collect::<Vec<_>>(), vec![("a".to_string(), 1), ("b".to_string(), 1)]);
     }
 
     #[tokio::test]

@@ -23,7 +23,7 @@ use super::event::{Event, Router, Skipped};
 use super::metrics::{AttemptOutcome, QueueDepth, TaskMetrics};
 use super::plan::Plan;
 use super::progress::LogProgress;
-use super::tasks::{Attempt, Inserted, NewTask, Task, TaskStatus, TaskStore, TaskStoreError, TaskTarget};
+use super::tasks::{Attempt, Inserted, NewTask, Task, TaskStatus, TaskStore, TaskStoreError, TaskTarget, Undelivered};
 use crate::config::Config;
 use crate::oci::{annotations, Digest, Reference};
 use crate::registry::RegistryClient;
@@ -45,6 +45,15 @@ pub trait Runner: Send + Sync + 'static {
     async fn resolve(&self, source: &Reference) -> Result<Resolved, ConvertError>;
     /// Converts `source` (pinned by digest) as `plan` says, pushing the targets.
     async fn convert(&self, plan: &Plan, source: &Reference) -> Result<ConvertResult, ConvertError>;
+}
+
+/// Where results of finished tasks go: entries recorded with the finished task in one
+/// transaction, then handed over for delivery. The daemon uses `sinks::Delivery`.
+pub trait ResultOutbox: Send + Sync + 'static {
+    /// The results to record for a finished task (none when its pipeline names no sink).
+    fn entries(&self, task: &Task) -> Vec<Undelivered>;
+    /// The entries are on disk: deliver them.
+    fn stored(&self, entries: &[Undelivered]);
 }
 
 /// Runs conversions with the registry client and the content store.
@@ -161,6 +170,7 @@ struct Shared {
     queues: HashMap<String, mpsc::Sender<Uuid>>,
     options: WorkerOptions,
     metrics: Arc<TaskMetrics>,
+    outbox: Option<Arc<dyn ResultOutbox>>,
     waiters: Mutex<HashMap<Uuid, Vec<oneshot::Sender<Task>>>>,
     /// Cancelled when new work must stop being taken.
     shutdown: CancellationToken,
@@ -172,13 +182,15 @@ struct Shared {
 }
 
 impl Workers {
-    /// Starts the workers and queues every unfinished task found in the store.
+    /// Starts the workers and queues every unfinished task found in the store. Results of
+    /// finished tasks go to `outbox`, when given.
     pub async fn start(
         store: TaskStore,
         runner: Arc<dyn Runner>,
         router: Router,
         options: WorkerOptions,
         metrics: Arc<TaskMetrics>,
+        outbox: Option<Arc<dyn ResultOutbox>>,
         shutdown: CancellationToken,
     ) -> Result<Workers, TaskStoreError> {
         let mut queues = HashMap::new();
@@ -198,6 +210,7 @@ impl Workers {
             queues,
             options,
             metrics,
+            outbox,
             waiters: Mutex::new(HashMap::new()),
             shutdown,
             stopped: CancellationToken::new(),
@@ -603,9 +616,15 @@ impl Shared {
     }
 
     async fn finish(&self, plan: &Plan, task: Task, extra_keys: Vec<String>, took: Duration) {
-        if let Err(e) = self.store.put(&task, extra_keys).await {
+        let results = self.outbox.as_ref().map(|o| o.entries(&task)).unwrap_or_default();
+        match self.store.put_with_results(&task, extra_keys, results.clone()).await {
+            Ok(()) => {
+                if let Some(o) = &self.outbox {
+                    o.stored(&results);
+                }
+            }
             // Stays PROCESSING on disk; the next start does it again.
-            tracing::error!(task = %task.id, "cannot record the end of the task: {e}");
+            Err(e) => tracing::error!(task = %task.id, "cannot record the end of the task: {e}"),
         }
         let per_driver: Vec<(String, u64)> = task.targets.iter().map(|t| (t.driver.to_string(), t.size)).collect();
         self.metrics.task_finished(&plan.name, &driver_names(plan), task.status, took, task.source_size, &per_driver);
@@ -713,7 +732,7 @@ mod tests {
         let store = TaskStore::open(path).unwrap();
         let runner = Arc::new(runner);
         let shutdown = CancellationToken::new();
-        let workers = Workers::start(store, runner.clone(), router, opts, Arc::new(TaskMetrics::default()), shutdown.clone()).await.unwrap();
+        let workers = Workers::start(store, runner.clone(), router, opts, Arc::new(TaskMetrics::default()), None, shutdown.clone()).await.unwrap();
         Setup { workers, runner, shutdown, _dir: None }
     }
 

@@ -3,4 +3,5 @@
 
 pub mod containerd;
 pub mod fixtures;
+pub mod nats;
 pub mod registry;

@@ -1,0 +1,4 @@
+//! Connections to message buses shared by sources, sinks and webhook forwarding: one module
+//! per bus.
+
+pub mod nats;

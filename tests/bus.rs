@@ -1,0 +1,483 @@
+//! End to end over message buses: the real `acceld` binary reading Debian's `nats-server`
+//! (core NATS and JetStream) and converting images in Debian's `docker-registry`, with results
+//! published to every kind of sink; malformed messages dead-lettered; Harbor webhooks forwarded
+//! into JetStream; and two instances sharing one durable consumer, one killed mid-conversion.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use accel::oci::annotations;
+use common::fixtures::{check_estargz, debian_image, handmade_image, PushedImage};
+use common::nats::NatsServer;
+use common::registry::{free_port, RegistryAuth, RegistryServer};
+
+/// The `acceld` binary with its own config, task database, store and log.
+struct Acceld {
+    child: Option<Child>,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Acceld {
+    /// Starts acceld with `body` (sources, sinks, pipelines) under a server/store/tasks head.
+    async fn start(dir: &Path, registry: &str, body: &str) -> Acceld {
+        std::fs::create_dir_all(dir).unwrap();
+        let port = free_port();
+        let config = format!(
+            "server: {{ listen: \"127.0.0.1:{port}\", shutdown_grace_secs: 30 }}\nstore: {{ kind: embedded, path: \"{store}\" }}\nregistries: {{ \"{registry}\": {{}} }}\ntasks: {{ path: \"{tasks}\", retry_backoff_secs: 1 }}\n{body}",
+            store = dir.join("store").display(),
+            tasks = dir.join("tasks.redb").display(),
+        );
+        std::fs::write(dir.join("pipelines.yaml"), config).unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("acceld.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_acceld"))
+            .arg("--config")
+            .arg(dir.join("pipelines.yaml"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap();
+        let mut d = Acceld { child: Some(child), dir: dir.to_path_buf(), port };
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("acceld exited with {status}:\n{}", d.log());
+            }
+            if let Ok(r) = http.get(d.url("/api/v1/health")).send().await {
+                if r.status().is_success() {
+                    return d;
+                }
+            }
+            assert!(Instant::now() < deadline, "acceld not healthy within 30 s:\n{}", d.log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("acceld.log")).unwrap_or_default()
+    }
+
+    async fn metrics(&self) -> String {
+        reqwest::get(self.url("/metrics")).await.unwrap().text().await.unwrap()
+    }
+
+    fn kill9(&mut self) {
+        let mut c = self.child.take().unwrap();
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+}
+
+impl Drop for Acceld {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs acceld's start-up with a config and returns its exit and log, for start-up failures.
+fn start_fails(dir: &Path, registry: &str, body: &str) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    let config = format!(
+        "server: {{ listen: \"127.0.0.1:{}\" }}\nstore: {{ kind: embedded, path: \"{}\" }}\nregistries: {{ \"{registry}\": {{}} }}\ntasks: {{ path: \"{}\" }}\n{body}",
+        free_port(),
+        dir.join("store").display(),
+        dir.join("tasks.redb").display(),
+    );
+    std::fs::write(dir.join("pipelines.yaml"), config).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_acceld")).arg("--config").arg(dir.join("pipelines.yaml")).output().unwrap();
+    assert!(!out.status.success(), "acceld started:\n{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Checks the converted image `repo:tag` against `source` with the reference eStargz reader.
+fn verify_estargz(reg: &RegistryServer, repo: &str, tag: &str, source: &PushedImage) {
+    let digest = reg.tag_digest(repo, tag).unwrap_or_else(|| panic!("{repo}:{tag} is not in the registry"));
+    let bytes = std::fs::read(reg.blob_data_path(digest.trim_start_matches("sha256:"))).unwrap();
+    let converted: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(converted["annotations"][annotations::SOURCE_DIGEST], source.digest.as_str(), "{repo}:{tag}");
+    let layers = converted["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), source.layers().len());
+    for (layer, src) in layers.iter().zip(source.layers()) {
+        let toc = layer["annotations"][annotations::ESTARGZ_TOC_DIGEST].as_str().expect("TOC digest annotation");
+        let hex = layer["digest"].as_str().unwrap().trim_start_matches("sha256:");
+        check_estargz(&src.blob, &reg.blob_data_path(hex), toc);
+    }
+}
+
+/// The distribution registry's notification for a push of `image` by tag.
+fn registry_notification(image: &PushedImage) -> String {
+    let (host, rest) = image.reference.split_once('/').unwrap();
+    let (repo, tag) = rest.rsplit_once(':').unwrap();
+    json!({ "events": [
+        {
+            "id": "a4f9c2d0-1", "timestamp": "2026-01-01T00:00:00Z", "action": "push",
+            "target": { "mediaType": "application/vnd.oci.image.manifest.v1+json", "size": 1, "digest": image.digest,
+                        "length": 1, "repository": repo, "url": format!("http://{host}/v2/{repo}/manifests/{}", image.digest), "tag": tag },
+            "request": { "id": "r1", "addr": "127.0.0.1:1", "host": host, "method": "PUT", "useragent": "skopeo" },
+            "actor": {}, "source": { "addr": "registry:5000", "instanceID": "i1" }
+        },
+        {
+            "action": "push",
+            "target": { "mediaType": "application/octet-stream", "digest": image.digest, "repository": repo },
+            "request": { "host": host }
+        }
+    ]})
+    .to_string()
+}
+
+/// Results (CloudEvents) read from a core NATS subject, by subject image.
+struct Results {
+    got: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Results {
+    async fn subscribe(client: &async_nats::Client, subject: &str) -> Results {
+        let mut sub = client.subscribe(subject.to_string()).await.unwrap();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let g = got.clone();
+        tokio::spawn(async move {
+            while let Some(m) = sub.next().await {
+                g.lock().unwrap().push(serde_json::from_slice(&m.payload).unwrap_or_else(|e| panic!("result is not JSON ({e}): {:?}", m.payload)));
+            }
+        });
+        client.flush().await.unwrap();
+        Results { got }
+    }
+
+    /// Waits for the result of `subject` (the source image as the event named it).
+    async fn wait_for(&self, subject: &str, within: Duration, log: impl Fn() -> String) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(v) = self.got.lock().unwrap().iter().find(|v| v["subject"] == subject) {
+                return v.clone();
+            }
+            assert!(Instant::now() < deadline, "no result for {subject} within {within:?}; got {:?}\n{}", self.got.lock().unwrap(), log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn all(&self) -> Vec<Value> {
+        self.got.lock().unwrap().clone()
+    }
+}
+
+/// What an HTTP receiver got: `Authorization` header and body of each POST.
+type Posted = Arc<Mutex<Vec<(Option<String>, Value)>>>;
+
+/// Bodies and `Authorization` headers POSTed to a local HTTP receiver.
+async fn http_receiver() -> (String, Posted) {
+    use axum::http::HeaderMap;
+    let got: Posted = Arc::new(Mutex::new(Vec::new()));
+    let g = got.clone();
+    let app = axum::Router::new().route(
+        "/results",
+        axum::routing::post(move |headers: HeaderMap, body: Bytes| {
+            let g = g.clone();
+            async move {
+                let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).map(String::from);
+                assert_eq!(headers.get("content-type").unwrap(), "application/cloudevents+json");
+                g.lock().unwrap().push((auth, serde_json::from_slice(&body).unwrap()));
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/results", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, got)
+}
+
+async fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !ok() {
+        assert!(Instant::now() < deadline, "{what} within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Messages on a dead-letter subject, with their `Accel-Error` header.
+async fn dead_letters(client: &async_nats::Client, subject: &str) -> Arc<Mutex<Vec<(String, String)>>> {
+    let mut sub = client.subscribe(subject.to_string()).await.unwrap();
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let g = got.clone();
+    tokio::spawn(async move {
+        while let Some(m) = sub.next().await {
+            let why = m.headers.as_ref().and_then(|h| h.get("Accel-Error")).map(|v| v.as_str().to_string()).unwrap_or_default();
+            g.lock().unwrap().push((String::from_utf8_lossy(&m.payload).into_owned(), why));
+        }
+    });
+    client.flush().await.unwrap();
+    got
+}
+
+async fn js_publish(js: &jetstream::Context, subject: &str, body: String) {
+    js.publish(subject.to_string(), body.into()).await.unwrap().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bus_sources_convert_and_every_sink_hears_the_result() {
+    let reg = RegistryServer::start(RegistryAuth::None);
+    let nats = NatsServer::start();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    js.create_stream(jetstream::stream::Config { name: "RESULTS".into(), subjects: vec!["results.js".into()], ..Default::default() })
+        .await
+        .unwrap();
+    let results = Results::subscribe(&client, "results.core").await;
+    let dead_js = dead_letters(&client, "dead.js").await;
+    let dead_core = dead_letters(&client, "dead.core").await;
+    let (hook, posted) = http_receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = nats.url();
+    let body = format!(
+        r#"
+sources:
+  js: {{ kind: jetstream, url: "{url}", stream: IMAGES, subjects: ["images.>"], consumer: acceld, create: true, ack_wait_secs: 10, dead_letter_subject: dead.js }}
+  core: {{ kind: nats, url: "{url}", subject: core.images, queue_group: acceld, dead_letter_subject: dead.core }}
+sinks:
+  out: {{ kind: stdout }}
+  file: {{ kind: file, path: "{file}" }}
+  hook: {{ kind: http, url: "{hook}", headers: {{ Authorization: "Bearer sink-token" }} }}
+  core: {{ kind: nats, url: "{url}", subject: results.core }}
+  js: {{ kind: jetstream, url: "{url}", subject: results.js }}
+pipelines:
+  - name: accelerate
+    sources: [js, core]
+    match: {{ repositories: ["library/*"] }}
+    convert: [{{ driver: estargz, options: {{ compression_level: 1 }} }}]
+    sinks: [out, file, hook, core, js]
+"#,
+        file = dir.path().join("results.jsonl").display(),
+    );
+    let d = Acceld::start(dir.path(), &reg.host(), &body).await;
+
+    // A registry notification through JetStream.
+    let app = handmade_image().build().push(&reg.host(), "library/app:1");
+    js_publish(&js, "images.pushed", registry_notification(&app)).await;
+    let r = results.wait_for(&format!("{}@{}", app.reference, app.digest), Duration::from_secs(180), || d.log()).await;
+    assert_eq!(r["specversion"], "1.0");
+    assert_eq!(r["type"], "io.accel.conversion.completed", "{r}");
+    assert_eq!(r["source"], "/accel/pipelines/accelerate");
+    assert_eq!(r["data"]["status"], "COMPLETED", "{r}");
+    assert_eq!(r["data"]["origin"], "js");
+    assert_eq!(r["data"]["source"]["digest"], app.digest.as_str());
+    assert_eq!(r["data"]["attempts"], 1);
+    let target = &r["data"]["targets"][0];
+    assert_eq!(target["driver"], "estargz");
+    assert_eq!(target["reference"], format!("{}-esgz", app.reference));
+    assert_eq!(target["digest"], reg.tag_digest("library/app", "1-esgz").expect("1-esgz pushed").as_str());
+    assert!(target["size"].as_u64().unwrap() > 0);
+    verify_estargz(&reg, "library/app", "1-esgz", &app);
+
+    // Every other sink has the same event.
+    let id = r["id"].as_str().unwrap().to_string();
+    wait_until("the webhook got the result", Duration::from_secs(30), || posted.lock().unwrap().len() == 1).await;
+    let (auth, event) = posted.lock().unwrap()[0].clone();
+    assert_eq!((auth.as_deref(), event["id"].as_str()), (Some("Bearer sink-token"), Some(id.as_str())));
+    let file = dir.path().join("results.jsonl");
+    wait_until("the file got the result", Duration::from_secs(30), || std::fs::read_to_string(&file).is_ok_and(|t| t.lines().count() == 1)).await;
+    let line: Value = serde_json::from_str(std::fs::read_to_string(&file).unwrap().trim()).unwrap();
+    assert_eq!(line["id"], id.as_str());
+    wait_until("stdout got the result", Duration::from_secs(30), || d.log().lines().any(|l| l.starts_with('{') && l.contains(&id))).await;
+    let mut stream = js.get_stream("RESULTS").await.unwrap();
+    let stored = stream.info().await.unwrap().state.messages;
+    assert_eq!(stored, 1, "the JetStream sink stored the result once");
+    let msg = stream.get_last_raw_message_by_subject("results.js").await.unwrap();
+    let event: Value = serde_json::from_slice(&msg.payload).unwrap();
+    assert_eq!(event["id"], id.as_str());
+
+    // Malformed messages on both sources are dead-lettered with the reason; the sources go on.
+    js_publish(&js, "images.bad", "{oops".into()).await;
+    client.publish("core.images", Bytes::from_static(br#"{"reference":"nginx"}"#)).await.unwrap();
+    client.flush().await.unwrap();
+    wait_until("dead letters arrived", Duration::from_secs(30), || dead_js.lock().unwrap().len() == 1 && dead_core.lock().unwrap().len() == 1).await;
+    let (body, why) = dead_js.lock().unwrap()[0].clone();
+    assert_eq!(body, "{oops");
+    assert!(why.contains("not valid JSON"), "{why}");
+    let (body, why) = dead_core.lock().unwrap()[0].clone();
+    assert_eq!(body, r#"{"reference":"nginx"}"#);
+    assert!(why.contains("names no registry host"), "{why}");
+
+    let two = handmade_image().build().push(&reg.host(), "library/two:1");
+    let plain = json!({ "reference": format!("{}@{}", two.reference, two.digest) }).to_string();
+    client.publish("core.images", plain.into()).await.unwrap();
+    let r = results.wait_for(&format!("{}@{}", two.reference, two.digest), Duration::from_secs(120), || d.log()).await;
+    assert_eq!(r["data"]["status"], "COMPLETED", "{r}");
+    assert_eq!(r["data"]["origin"], "core");
+    let third = handmade_image().build().push(&reg.host(), "library/three:1");
+    js_publish(&js, "images.pushed", registry_notification(&third)).await;
+    results.wait_for(&format!("{}@{}", third.reference, third.digest), Duration::from_secs(120), || d.log()).await;
+
+    let m = d.metrics().await;
+    for line in [
+        r#"accel_source_messages_total{source="js",outcome="dead_lettered"} 1"#,
+        r#"accel_source_messages_total{source="js",outcome="malformed"} 1"#,
+        r#"accel_source_messages_total{source="core",outcome="dead_lettered"} 1"#,
+        r#"accel_source_messages_total{source="js",outcome="accepted"} 2"#,
+        r#"accel_source_messages_total{source="core",outcome="accepted"} 1"#,
+    ] {
+        assert!(m.lines().any(|l| l == line), "metrics lack {line}:\n{m}");
+    }
+    assert!(d.log().contains("malformed message sent to NATS subject dead.js"), "{}", d.log());
+    assert_eq!(results.all().len(), 3, "{:?}", results.all());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn harbor_webhooks_forwarded_into_jetstream_are_converted_from_the_bus() {
+    let reg = RegistryServer::start(RegistryAuth::None);
+    let nats = NatsServer::start();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let results = Results::subscribe(&client, "results").await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = nats.url();
+    let body = format!(
+        r#"
+sources:
+  harbor: {{ kind: harbor, forward: {{ kind: jetstream, url: "{url}", subject: images.harbor }} }}
+  bus: {{ kind: jetstream, url: "{url}", stream: IMAGES, subjects: ["images.>"], consumer: acceld, create: true }}
+sinks:
+  bus: {{ kind: nats, url: "{url}", subject: results }}
+pipelines:
+  - name: accelerate
+    sources: [bus]
+    convert: [{{ driver: estargz, options: {{ compression_level: 1 }} }}]
+    sinks: [bus]
+"#
+    );
+    let d = Acceld::start(dir.path(), &reg.host(), &body).await;
+    let app = handmade_image().build().push(&reg.host(), "library/hooked:1");
+    let (host, rest) = app.reference.split_once('/').unwrap();
+    let (repo, tag) = rest.rsplit_once(':').unwrap();
+    let hook = json!({
+        "type": "PUSH_ARTIFACT", "occur_at": 1737446601, "operator": "admin",
+        "event_data": { "resources": [{ "digest": app.digest, "tag": tag, "resource_url": format!("{host}/{repo}:{tag}") }],
+                        "repository": { "name": "hooked", "namespace": "library", "repo_full_name": repo, "repo_type": "private" } }
+    });
+    let resp = reqwest::Client::new().post(d.url("/api/v1/conversions")).json(&hook).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let answer: Value = resp.json().await.unwrap();
+    assert_eq!(answer["forwarded"], "JetStream subject images.harbor", "{answer}");
+    // A bad webhook is refused before it reaches the bus.
+    let resp = reqwest::Client::new().post(d.url("/api/v1/conversions")).body(r#"{"type":"PUSH_ARTIFACT"}"#).send().await.unwrap();
+    assert_eq!(resp.status(), 400);
+
+    let r = results.wait_for(&format!("{}@{}", app.reference, app.digest), Duration::from_secs(180), || d.log()).await;
+    assert_eq!(r["data"]["status"], "COMPLETED", "{r}");
+    assert_eq!(r["data"]["origin"], "bus");
+    verify_estargz(&reg, "library/hooked", "1-esgz", &app);
+    let js = jetstream::new(client.clone());
+    assert_eq!(js.get_stream("IMAGES").await.unwrap().info().await.unwrap().state.messages, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_stream_or_sink_stops_start_up_with_the_reason() {
+    let reg = RegistryServer::start(RegistryAuth::None);
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let url = nats.url();
+    let pipeline = "pipelines: [{ name: p, convert: [{ driver: estargz }], sinks: [s] }]";
+    let err = start_fails(
+        &dir.path().join("a"),
+        &reg.host(),
+        &format!("sources: {{ js: {{ kind: jetstream, url: \"{url}\", stream: NOPE, consumer: c }} }}\nsinks: {{ s: {{ kind: stdout }} }}\n{pipeline}"),
+    );
+    assert!(err.contains("JetStream stream NOPE does not exist"), "{err}");
+    let err = start_fails(&dir.path().join("b"), &reg.host(), &format!("sinks: {{ s: {{ kind: jetstream, url: \"{url}\", subject: nobody.listens }} }}\n{pipeline}"));
+    assert!(err.contains("no JetStream stream takes subject nobody.listens"), "{err}");
+    let dead = format!("nats://127.0.0.1:{}", free_port());
+    let err = start_fails(&dir.path().join("c"), &reg.host(), &format!("sinks: {{ s: {{ kind: nats, url: \"{dead}\", subject: r }} }}\n{pipeline}"));
+    assert!(err.contains("cannot connect to"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_a_durable_consumer_and_one_killed_mid_conversion_loses_nothing() {
+    let reg = RegistryServer::start(RegistryAuth::None);
+    let nats = NatsServer::start();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    let results = Results::subscribe(&client, "results").await;
+    let url = nats.url();
+    // One message at a time per instance, acknowledged when converted; a silent instance's
+    // message goes to the other after 5 s.
+    let body = format!(
+        r#"
+sources:
+  bus: {{ kind: jetstream, url: "{url}", stream: IMAGES, subjects: ["images.>"], consumer: acceld, create: true, ack_wait_secs: 5, batch: 1 }}
+sinks:
+  bus: {{ kind: nats, url: "{url}", subject: results }}
+pipelines:
+  - name: accelerate
+    convert: [{{ driver: estargz, options: {{ compression_level: 9 }} }}]
+    sinks: [bus]
+"#
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = Acceld::start(&dir.path().join("a"), &reg.host(), &body).await;
+    let mut b = Acceld::start(&dir.path().join("b"), &reg.host(), &body).await;
+
+    // The Debian image at gzip level 9 takes seconds: long enough to kill mid-way.
+    let big = debian_image("amd64").build().push(&reg.host(), "library/big:1");
+    let small: Vec<PushedImage> = (0..4).map(|i| handmade_image().build().push(&reg.host(), &format!("library/small{i}:1"))).collect();
+    js_publish(&js, "images.pushed", json!({ "reference": format!("{}@{}", big.reference, big.digest) }).to_string()).await;
+    let converting_big = format!("converting image {}", big.reference);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let a_has_it = loop {
+        if a.log().contains(&converting_big) {
+            break true;
+        }
+        if b.log().contains(&converting_big) {
+            break false;
+        }
+        assert!(Instant::now() < deadline, "nobody converts the big image:\n{}\n{}", a.log(), b.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for s in &small {
+        js_publish(&js, "images.pushed", json!({ "reference": format!("{}@{}", s.reference, s.digest) }).to_string()).await;
+    }
+    // Let the other instance take some of the small ones, then kill the busy one.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (victim, survivor) = if a_has_it { (&mut a, &mut b) } else { (&mut b, &mut a) };
+    assert!(reg.tag_digest("library/big", "1-esgz").is_none(), "the big conversion ended before the kill");
+    victim.kill9();
+
+    let log = || format!("survivor:\n{}", survivor.log());
+    let r = results.wait_for(&format!("{}@{}", big.reference, big.digest), Duration::from_secs(600), log).await;
+    assert_eq!(r["data"]["status"], "COMPLETED", "{r}");
+    assert!(survivor.log().contains(&converting_big), "the survivor converted the redelivered message");
+    verify_estargz(&reg, "library/big", "1-esgz", &big);
+    for s in &small {
+        let r = results.wait_for(&format!("{}@{}", s.reference, s.digest), Duration::from_secs(300), log).await;
+        assert_eq!(r["data"]["status"], "COMPLETED", "{r}");
+        let (_, rest) = s.reference.split_once('/').unwrap();
+        let (repo, _) = rest.rsplit_once(':').unwrap();
+        assert!(reg.tag_digest(repo, "1-esgz").is_some(), "{repo}:1-esgz pushed");
+        // Converted by one instance only.
+        let line = format!("converting image {}", s.reference);
+        let times = victim.log().matches(&line).count() + survivor.log().matches(&line).count();
+        assert_eq!(times, 1, "{line} appears {times} times");
+    }
+    // Each event has exactly one result (the killed instance's unfinished one is not reported).
+    assert_eq!(results.all().len(), 5, "{:?}", results.all());
+    // Nothing is left pending on the consumer.
+    let mut consumer: jetstream::consumer::PullConsumer = js.get_stream("IMAGES").await.unwrap().get_consumer("acceld").await.unwrap();
+    let info = consumer.info().await.unwrap();
+    assert_eq!((info.num_pending, info.num_ack_pending), (0, 0), "{info:?}");
+}
