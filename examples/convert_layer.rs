@@ -58,7 +58,10 @@ fn main() -> Result<()> {
     let secs = started.elapsed().as_secs_f64();
     let written = std::fs::metadata(&args.output)?.len();
     let mb = out.uncompressed_size as f64 / 1e6;
-    println!("diff_id            {}", out.diff_id);
+    match &out.diff_id {
+        Some(d) => println!("diff_id            {d}"),
+        None => println!("diff_id            (the source's: the layer decompresses to it)"),
+    }
     for (k, v) in &out.annotations {
         println!("{k:<18} {v}");
     }

@@ -307,35 +307,187 @@ fn base64_encode(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
 }
 
+/// Digest of a blob's decompressed content (gzip members or zstd frames, by magic), or of the
+/// blob itself when it is a plain tar.
+fn content_digest(path: &Path) -> String {
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut magic = [0u8; 4];
+    f.read_exact(&mut magic).unwrap();
+    let f = std::fs::File::open(path).unwrap();
+    let mut r: Box<dyn Read> = match magic {
+        [0x1f, 0x8b, ..] => Box::new(flate2::read::MultiGzDecoder::new(f)),
+        [0x28, 0xb5, 0x2f, 0xfd] => Box::new(zstd::stream::read::Decoder::new(f).unwrap()),
+        _ => Box::new(f),
+    };
+    let mut h = Sha256::new();
+    std::io::copy(&mut r, &mut h).unwrap();
+    format!("sha256:{}", hex::encode(h.finalize()))
+}
+
+/// Checks a target of a lossless driver: the config's diff_ids are the source's, every layer
+/// has `media_type` and decompresses to its source layer's tar. Returns the layer blobs.
+fn verify_lossless_image(server: &RegistryServer, result: &Value, i: usize, driver: &str, media_type: &str, source: &PushedImage) -> Vec<PathBuf> {
+    let (reference, manifest) = target_manifest(server, result, i);
+    assert_eq!(result["targets"][i]["driver"], driver);
+    assert_eq!(result["targets"][i]["reference"], format!("{}-{driver}", source.reference), "default suffix of {driver}");
+    assert_eq!(manifest["mediaType"], OCI_MANIFEST, "{reference}");
+    assert_eq!(manifest["annotations"]["io.accel.driver"].as_str().unwrap().split('/').next(), Some(driver), "{reference}");
+    assert_eq!(manifest["annotations"]["io.accel.source.digest"], source.digest.as_str(), "{reference}");
+    let config: Value = serde_json::from_slice(&std::fs::read(server.blob_data_path(hex_of(manifest["config"]["digest"].as_str().unwrap()))).unwrap()).unwrap();
+    assert_eq!(config["rootfs"]["diff_ids"], source.image.config_json()["rootfs"]["diff_ids"], "{reference}");
+    let layers = manifest["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), source.layers().len(), "{reference}");
+    let mut blobs = Vec::new();
+    for (n, (layer, src)) in layers.iter().zip(source.layers()).enumerate() {
+        assert_eq!(layer["mediaType"], media_type, "{reference} layer {n}");
+        let digest = layer["digest"].as_str().unwrap();
+        let blob = server.blob_data_path(hex_of(digest));
+        assert_eq!(sha256_file(&blob), digest, "{reference} layer {n}: blob does not match its digest");
+        assert_eq!(std::fs::metadata(&blob).unwrap().len(), layer["size"].as_u64().unwrap(), "{reference} layer {n}");
+        assert_eq!(content_digest(&blob), src.diff_id, "{reference} layer {n}: decompressed layer differs from the source");
+        blobs.push(blob);
+    }
+    blobs
+}
+
 #[test]
 fn several_formats_from_one_command() {
     let server = RegistryServer::start(RegistryAuth::None);
     let pushed = handmade_image().build().push(&server.host(), "hand/multi:v1");
     let ws = Workspace::new("");
-    let result = ws.convert_json(&["--driver", "estargz,zstdchunked", &pushed.reference]);
+    let result = ws.convert_json(&[
+        "--driver",
+        "estargz,zstdchunked",
+        "--driver",
+        "zstd,gzip",
+        "--driver",
+        "uncompressed",
+        "--option",
+        "gzip.compression_level=1",
+        "--option",
+        "zstd.compression_level=7",
+        &pushed.reference,
+    ]);
     let targets = result["targets"].as_array().unwrap();
     let drivers: Vec<&str> = targets.iter().map(|t| t["driver"].as_str().unwrap()).collect();
-    assert_eq!(drivers, ["estargz", "zstdchunked"]);
-    assert_eq!(targets[1]["reference"], format!("{}-zstdchunked", pushed.reference));
+    assert_eq!(drivers, ["estargz", "zstdchunked", "zstd", "gzip", "uncompressed"]);
+    let references: Vec<&str> = targets.iter().map(|t| t["reference"].as_str().unwrap()).collect();
+    let suffixes: Vec<&str> = references.iter().map(|r| r.strip_prefix(pushed.reference.as_str()).unwrap()).collect();
+    assert_eq!(suffixes, ["-esgz", "-zstdchunked", "-zstd", "-gzip", "-uncompressed"]);
 
     let (reference, manifest) = target_manifest(&server, &result, 0);
     verify_estargz_image(&server, &reference, &manifest, &pushed.image);
 
     // zstd:chunked is lossless: each layer decompresses to the source tar, so diff_ids stay.
+    verify_lossless_image(&server, &result, 1, "zstdchunked", "application/vnd.oci.image.layer.v1.tar+zstd", &pushed);
     let (reference, manifest) = target_manifest(&server, &result, 1);
-    assert_eq!(manifest["annotations"]["io.accel.driver"].as_str().unwrap().split('/').next(), Some("zstdchunked"));
-    let config: Value = serde_json::from_slice(&std::fs::read(server.blob_data_path(hex_of(manifest["config"]["digest"].as_str().unwrap()))).unwrap()).unwrap();
-    assert_eq!(config["rootfs"]["diff_ids"], pushed.image.config_json()["rootfs"]["diff_ids"], "{reference}");
-    for (layer, src) in manifest["layers"].as_array().unwrap().iter().zip(pushed.layers()) {
-        assert_eq!(layer["mediaType"], "application/vnd.oci.image.layer.v1.tar+zstd");
+    for layer in manifest["layers"].as_array().unwrap() {
         for key in ["manifest-checksum", "manifest-position", "tarsplit-position"] {
             let k = format!("io.github.containers.zstd-chunked.{key}");
             assert!(layer["annotations"][&k].is_string(), "{reference}: layer lacks {k}");
         }
-        let blob = std::fs::File::open(server.blob_data_path(hex_of(layer["digest"].as_str().unwrap()))).unwrap();
-        let mut decoded = zstd::stream::read::Decoder::new(blob).unwrap();
-        let mut h = Sha256::new();
-        std::io::copy(&mut decoded, &mut h).unwrap();
-        assert_eq!(format!("sha256:{}", hex::encode(h.finalize())), src.diff_id, "{reference}: decompressed layer differs from the source");
     }
+
+    // Plain zstd: no zstd:chunked metadata, several frames for the layers larger than a frame.
+    let blobs = verify_lossless_image(&server, &result, 2, "zstd", "application/vnd.oci.image.layer.v1.tar+zstd", &pushed);
+    let (_, manifest) = target_manifest(&server, &result, 2);
+    assert!(manifest["layers"].as_array().unwrap().iter().all(|l| l.get("annotations").is_none()), "plain zstd layers carry no annotations");
+    let big = std::fs::read(blobs.iter().max_by_key(|b| std::fs::metadata(b).unwrap().len()).unwrap()).unwrap();
+    assert!(zstd::zstd_safe::find_frame_compressed_size(&big).unwrap() < big.len(), "a large layer is compressed in several frames");
+
+    // gzip at level 1: libdeflate marks the fastest level in each member's header.
+    let blobs = verify_lossless_image(&server, &result, 3, "gzip", OCI_GZIP, &pushed);
+    for (blob, src) in blobs.iter().zip(pushed.layers()) {
+        let bytes = std::fs::read(blob).unwrap();
+        assert_eq!(bytes[8], 4, "{}: gzip header does not say fastest compression", blob.display());
+        assert_ne!(sha256_file(blob), src.digest(), "the gzip layer is a new blob");
+    }
+
+    // Uncompressed: the blob is the source tar, so its digest is the diff_id.
+    let blobs = verify_lossless_image(&server, &result, 4, "uncompressed", "application/vnd.oci.image.layer.v1.tar", &pushed);
+    for (blob, src) in blobs.iter().zip(pushed.layers()) {
+        assert_eq!(sha256_file(blob), src.diff_id);
+    }
+
+    // The text output lists every target as well.
+    let out = ws.convert(&["--driver", "zstd,uncompressed", &pushed.reference]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("{}-zstd@", pushed.reference)) && text.contains(&format!("{}-uncompressed@", pushed.reference)), "{text}");
+}
+
+#[test]
+fn a_config_whose_diff_ids_do_not_match_its_layers_is_refused() {
+    let server = RegistryServer::start(RegistryAuth::None);
+    let bogus = format!("sha256:{}", "ab".repeat(32));
+    let pushed = handmade_image().wrong_diff_id(2, &bogus).build().push(&server.host(), "hand/corrupt:v1");
+    let ws = Workspace::new("");
+    for drivers in ["zstd", "gzip", "uncompressed", "estargz,zstdchunked,zstd"] {
+        let out = ws.convert(&["--driver", drivers, &pushed.reference]);
+        assert!(!out.status.success(), "{drivers}: a corrupt image must not convert");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let layer = pushed.layers()[2].digest();
+        assert!(
+            err.contains(&bogus) && err.contains(&pushed.layers()[2].diff_id) && err.contains(layer) && err.contains("corrupt"),
+            "{drivers}: the error should name the layer, both digests and the cause:\n{err}"
+        );
+        for d in drivers.split(',') {
+            let suffix = if d == "estargz" { "esgz".to_string() } else { d.to_string() };
+            assert_eq!(server.tag_digest("hand/corrupt", &format!("v1-{suffix}")), None, "{drivers}: nothing may be pushed for {d}");
+        }
+    }
+}
+
+/// Counts what the engine reports about decoding source layers.
+#[derive(Default)]
+struct Decodes(std::sync::Mutex<Vec<(String, u64, usize)>>);
+
+impl accel::pipeline::Progress for Decodes {
+    fn stage(&self, _: accel::pipeline::Stage, _: &accel::oci::Reference) {}
+    fn add_steps(&self, _: u64) {}
+    fn step_done(&self, _: &str) {}
+    fn layer_decoded(&self, layer: &accel::oci::Digest, bytes: u64, drivers: usize) {
+        self.0.lock().unwrap().push((layer.to_string(), bytes, drivers));
+    }
+}
+
+#[test]
+fn several_formats_decode_each_source_layer_once() {
+    use accel::pipeline::{Conversion, ConvertRequest, Converter, TargetNaming};
+    use std::sync::Arc;
+
+    let server = RegistryServer::start(RegistryAuth::None);
+    let pushed = handmade_image().build().push(&server.host(), "hand/once:v1");
+    let dir = tempfile::tempdir().unwrap();
+    let config = accel::config::Config::parse(&format!("store: {{ kind: embedded, path: {} }}\n", dir.path().display()), "test", &|_| None).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let decodes = Arc::new(Decodes::default());
+    let result = runtime.block_on(async {
+        let registry = Arc::new(accel::registry::RegistryClient::new(&config).unwrap());
+        let store = accel::store::open(&config.store).await.unwrap();
+        let converter = Converter::new(registry, store, decodes.clone());
+        let conversions = ["estargz", "zstdchunked", "zstd"]
+            .iter()
+            .map(|d| {
+                let kind: accel::drivers::DriverKind = d.parse().unwrap();
+                Conversion {
+                    driver: kind.build(&serde_json::json!({})).unwrap(),
+                    naming: TargetNaming::Suffix { suffix: kind.default_tag_suffix().into(), repository: None },
+                }
+            })
+            .collect();
+        let request = ConvertRequest { source: pushed.reference.parse().unwrap(), conversions, platforms: Vec::new() };
+        converter.convert(&request).await.unwrap()
+    });
+    assert_eq!(result.targets.len(), 3);
+    let mut seen = decodes.0.lock().unwrap().clone();
+    seen.sort();
+    // One decoding per source layer, each of the whole tar, each feeding all three drivers.
+    let mut expected: Vec<(String, u64, usize)> = pushed
+        .layers()
+        .iter()
+        .map(|l| (l.digest().to_string(), std::fs::metadata(&l.tar).unwrap().len(), 3))
+        .collect();
+    expected.sort();
+    assert_eq!(seen, expected);
 }

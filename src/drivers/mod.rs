@@ -5,7 +5,9 @@
 
 pub mod compression;
 pub mod estargz;
+pub mod image;
 pub mod members;
+pub mod recompress;
 pub mod tar;
 pub mod zstd_chunked;
 
@@ -22,21 +24,33 @@ use serde::{Deserialize, Serialize};
 
 use crate::oci::Digest;
 
+pub use image::{BlobAccess, ConvertedLayer, ImageDraft, LayerState};
+
 /// The formats this project writes. The serde name is the one used in config, CLI and results.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DriverKind {
     Estargz,
     ZstdChunked,
+    /// Plain zstd, the source tar byte for byte.
+    Zstd,
+    /// Plain gzip at another level.
+    Gzip,
+    /// The plain source tar.
+    Uncompressed,
 }
 
 impl DriverKind {
-    pub const ALL: [DriverKind; 2] = [DriverKind::Estargz, DriverKind::ZstdChunked];
+    pub const ALL: [DriverKind; 5] =
+        [DriverKind::Estargz, DriverKind::ZstdChunked, DriverKind::Zstd, DriverKind::Gzip, DriverKind::Uncompressed];
 
     pub fn as_str(self) -> &'static str {
         match self {
             DriverKind::Estargz => "estargz",
             DriverKind::ZstdChunked => "zstdchunked",
+            DriverKind::Zstd => "zstd",
+            DriverKind::Gzip => "gzip",
+            DriverKind::Uncompressed => "uncompressed",
         }
     }
 
@@ -45,6 +59,9 @@ impl DriverKind {
         match self {
             DriverKind::Estargz => "-esgz",
             DriverKind::ZstdChunked => "-zstdchunked",
+            DriverKind::Zstd => "-zstd",
+            DriverKind::Gzip => "-gzip",
+            DriverKind::Uncompressed => "-uncompressed",
         }
     }
 
@@ -63,8 +80,17 @@ impl DriverKind {
                     .map_err(|e| DriverError::Options { driver: self, why: e.to_string() })?;
                 Ok(Arc::new(zstd_chunked::ZstdChunked::new(opts)?))
             }
+            DriverKind::Zstd => Ok(Arc::new(recompress::Recompress::zstd(parse_options(self, options)?)?)),
+            DriverKind::Gzip => Ok(Arc::new(recompress::Recompress::gzip(parse_options(self, options)?)?)),
+            DriverKind::Uncompressed => {
+                Ok(Arc::new(recompress::Recompress::uncompressed(parse_options(self, options)?)?))
+            }
         }
     }
+}
+
+fn parse_options<T: serde::de::DeserializeOwned>(driver: DriverKind, options: serde_json::Value) -> Result<T, DriverError> {
+    serde_path_to_error::deserialize(options).map_err(|e| DriverError::Options { driver, why: e.to_string() })
 }
 
 impl fmt::Display for DriverKind {
@@ -85,15 +111,34 @@ impl FromStr for DriverKind {
 
 /// What a driver reports about one target layer. The compressed digest and size are measured
 /// by the caller on the bytes written to `output`.
-#[derive(Debug, Clone)]
 pub struct LayerOutput {
     pub media_type: String,
-    /// Digest of the uncompressed target layer: the new `rootfs.diff_ids` entry.
-    pub diff_id: Digest,
+    /// Digest of the uncompressed target layer: the new `rootfs.diff_ids` entry. `None` when
+    /// the target layer decompresses to the source tar byte for byte; the engine then uses the
+    /// source's diff_id, which it hashes once while decoding the source for every driver.
+    pub diff_id: Option<Digest>,
+    /// Bytes of the uncompressed target layer.
     pub uncompressed_size: u64,
     pub annotations: BTreeMap<String, String>,
+    /// Kept for this driver's [`Driver::finish_image`]; `None` for drivers without one.
+    pub state: Option<LayerState>,
 }
 
+impl fmt::Debug for LayerOutput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LayerOutput")
+            .field("media_type", &self.media_type)
+            .field("diff_id", &self.diff_id)
+            .field("uncompressed_size", &self.uncompressed_size)
+            .field("annotations", &self.annotations)
+            .field("state", &self.state.as_ref().map(|_| ".."))
+            .finish()
+    }
+}
+
+/// A target format writer. One instance serves many conversions at once (layers of several
+/// images in parallel), so per-image data travels in [`LayerOutput::state`] and
+/// [`ImageDraft`], never in the driver.
 pub trait Driver: Send + Sync {
     fn kind(&self) -> DriverKind;
 
@@ -104,8 +149,18 @@ pub trait Driver: Send + Sync {
     fn options(&self) -> serde_json::Value;
 
     /// Converts one layer. `input` is the decompressed source tar stream; the target blob is
-    /// written to `output`.
+    /// written to `output`. The engine decodes each source layer once and feeds the same
+    /// stream to every driver of a request, each on its own thread; it also hashes the stream
+    /// and checks it against the config's diff_id, so drivers need not.
     fn convert_layer(&self, input: &mut dyn Read, output: &mut dyn Write) -> Result<LayerOutput, DriverError>;
+
+    /// The image-level step, run once per platform image after all its layers are converted
+    /// and stored, before its config and manifest are written (blocking; on the blocking
+    /// pool). The default changes nothing.
+    fn finish_image(&self, image: &mut ImageDraft, blobs: &dyn BlobAccess) -> Result<(), DriverError> {
+        let _ = (image, blobs);
+        Ok(())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -141,10 +196,12 @@ mod tests {
             assert_eq!(json, format!("\"{}\"", k.as_str()));
             assert_eq!(serde_json::from_str::<DriverKind>(&json).unwrap(), k);
         }
-        let unknown = "gzip".parse::<DriverKind>().unwrap_err().to_string();
-        assert!(unknown.contains("estargz, zstdchunked"), "{unknown}");
+        let unknown = "squashfs".parse::<DriverKind>().unwrap_err().to_string();
+        assert!(unknown.contains("estargz, zstdchunked, zstd, gzip, uncompressed"), "{unknown}");
         assert_eq!(DriverKind::ZstdChunked.as_str(), "zstdchunked");
         assert_eq!(DriverKind::ZstdChunked.default_tag_suffix(), "-zstdchunked");
         assert_eq!(serde_json::from_str::<DriverKind>("\"zstdchunked\"").unwrap(), DriverKind::ZstdChunked);
+        let suffixes: Vec<&str> = DriverKind::ALL.iter().map(|k| k.default_tag_suffix()).collect();
+        assert_eq!(suffixes, ["-esgz", "-zstdchunked", "-zstd", "-gzip", "-uncompressed"]);
     }
 }

@@ -1,7 +1,7 @@
 //! One conversion of one source image into one or more target formats: the source is pulled
-//! once into the store, each layer is converted by each driver, and every target is pushed.
+//! once into the store, each layer is decoded once and converted by every driver at the same
+//! time, and the targets are pushed concurrently.
 
-use std::io::{BufReader, BufWriter, Read, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,8 +13,10 @@ use tokio_util::io::SyncIoBridge;
 
 use super::naming::TargetNaming;
 use super::progress::{Progress, Stage};
-use crate::drivers::{compression, Driver, DriverError, DriverKind};
-use crate::oci::{annotations, media_types, Descriptor, Digest, Hasher, ImageIndex, ImageManifest, Platform, Reference, ReferenceError};
+use super::blobs::StoreBlobs;
+use super::fanout::{self, FanoutError};
+use crate::drivers::{compression, ConvertedLayer, Driver, DriverError, DriverKind, ImageDraft};
+use crate::oci::{annotations, media_types, Descriptor, Digest, ImageIndex, ImageManifest, Platform, Reference, ReferenceError};
 use crate::registry::{RegistryClient, RegistryError};
 use crate::store::{Lease, Store, StoreError};
 
@@ -62,6 +64,8 @@ pub enum ConvertError {
     Store(#[from] StoreError),
     #[error("layer {layer} of {image}: {source}")]
     Driver { image: String, layer: Digest, source: DriverError },
+    #[error("image step of {driver} for {image}: {source}")]
+    ImageStep { image: String, driver: DriverKind, source: DriverError },
     #[error("{reference}: {why}")]
     BadImage { reference: String, why: String },
     #[error("{reference}: not a container image ({why}); only images are converted")]
@@ -83,6 +87,7 @@ impl ConvertError {
             ConvertError::Registry { source, .. } => source.is_retryable(),
             ConvertError::Store(e) => e.is_retryable(),
             ConvertError::Driver { source: DriverError::Io(_), .. } => true,
+            ConvertError::ImageStep { source: DriverError::Io(_), .. } => true,
             _ => false,
         }
     }
@@ -164,20 +169,28 @@ impl Converter {
             + if index.is_some() { images.iter().map(|i| i.manifest_size).sum::<u64>() } else { 0 }
             + images.iter().map(image_blob_size).sum::<u64>();
 
-        let mut targets = Vec::new();
-        for conv in &req.conversions {
-            let target_ref = conv.naming.target_for(source)?;
-            self.progress.stage(Stage::Converting, source);
-            let mut converted = Vec::new();
-            for image in &images {
-                converted.push(self.convert_image(image, conv.driver.clone(), lease).await?);
+        // Every target is named before any work, so a bad name fails fast.
+        let target_refs = req.conversions.iter().map(|c| c.naming.target_for(source)).collect::<Result<Vec<_>, _>>()?;
+        let drivers: Vec<Arc<dyn Driver>> = req.conversions.iter().map(|c| c.driver.clone()).collect();
+        self.progress.stage(Stage::Converting, source);
+        let mut converted: Vec<Vec<TargetImage>> = drivers.iter().map(|_| Vec::new()).collect();
+        for image in &images {
+            for (k, target) in self.convert_image(image, &drivers, lease).await?.into_iter().enumerate() {
+                converted[k].push(target);
             }
-            self.progress.stage(Stage::Converted, &target_ref);
-            self.progress.stage(Stage::Pushing, &target_ref);
-            let result = self.push_target(source, &top.digest, &target_ref, conv, converted, index.as_ref(), lease).await?;
-            self.progress.stage(Stage::Pushed, &result.reference);
-            targets.push(result);
         }
+        let pushes = req.conversions.iter().zip(&target_refs).zip(converted).map(|((conv, target_ref), images)| {
+            let index = index.as_ref();
+            let top_digest = &top.digest;
+            async move {
+                self.progress.stage(Stage::Converted, target_ref);
+                self.progress.stage(Stage::Pushing, target_ref);
+                let result = self.push_target(source, top_digest, target_ref, conv, images, index, lease).await?;
+                self.progress.stage(Stage::Pushed, &result.reference);
+                Ok::<_, ConvertError>(result)
+            }
+        });
+        let targets = futures::future::try_join_all(pushes).await?;
         Ok(ConvertResult { source: source.clone(), source_digest: top.digest, source_size, targets })
     }
 
@@ -291,27 +304,60 @@ impl Converter {
         Ok(d)
     }
 
-    async fn convert_image(&self, image: &SourceImage, driver: Arc<dyn Driver>, lease: &Lease) -> Result<TargetImage, ConvertError> {
+    /// Converts one platform image with every driver: each layer is decoded once for all of
+    /// them. Returns one target image per driver, in driver order.
+    async fn convert_image(&self, image: &SourceImage, drivers: &[Arc<dyn Driver>], lease: &Lease) -> Result<Vec<TargetImage>, ConvertError> {
         let layers = &image.manifest.layers;
         self.progress.add_steps(layers.len() as u64);
         let diff_ids: Vec<Option<Digest>> = (0..layers.len())
             .map(|i| image.config.pointer(&format!("/rootfs/diff_ids/{i}")).and_then(|v| v.as_str()).and_then(|s| s.parse().ok()))
             .collect();
-        let converted: Vec<(Descriptor, Digest)> = futures::stream::iter(layers.iter().cloned().zip(diff_ids))
-            .map(|(layer, diff_id)| {
-                let driver = driver.clone();
-                async move {
-                    let out = self.convert_layer(image, &layer, diff_id, driver, lease).await?;
-                    self.progress.step_done(&format!("converted layer {} ({} -> {})", layer.digest, human(layer.size), human(out.0.size)));
-                    Ok::<_, ConvertError>(out)
-                }
+        let per_layer: Vec<Vec<ConvertedLayer>> = futures::stream::iter(layers.iter().cloned().zip(diff_ids))
+            .map(|(layer, diff_id)| async move {
+                let out = self.convert_layer(image, &layer, diff_id, drivers, lease).await?;
+                let sizes: Vec<String> = drivers.iter().zip(&out).map(|(d, l)| format!("{} {}", d.kind(), human(l.descriptor.size))).collect();
+                self.progress.step_done(&format!("converted layer {} ({} -> {})", layer.digest, human(layer.size), sizes.join(", ")));
+                Ok::<_, ConvertError>(out)
             })
             .buffered(self.layer_jobs)
             .try_collect()
             .await?;
+        let mut per_driver: Vec<Vec<ConvertedLayer>> = drivers.iter().map(|_| Vec::with_capacity(layers.len())).collect();
+        for layer in per_layer {
+            for (k, converted) in layer.into_iter().enumerate() {
+                per_driver[k].push(converted);
+            }
+        }
+        let targets = drivers.iter().zip(per_driver).map(|(driver, converted)| async move {
+            let mut annotations = image.manifest.annotations.clone();
+            annotations.insert(annotations::SOURCE_DIGEST.into(), image.digest.to_string());
+            annotations.insert(annotations::DRIVER.into(), format!("{}/{}", driver.kind(), driver.version()));
+            let draft = ImageDraft { layers: converted, config: image.config.clone(), annotations };
+            let draft = self.finish_image(image, driver.clone(), draft, lease).await?;
+            self.assemble(image, draft, lease).await
+        });
+        futures::future::try_join_all(targets).await
+    }
 
-        let mut config = image.config.clone();
-        let new_ids: Vec<serde_json::Value> = converted.iter().map(|(_, id)| serde_json::Value::String(id.to_string())).collect();
+    /// Runs the driver's image step on the blocking pool.
+    async fn finish_image(&self, image: &SourceImage, driver: Arc<dyn Driver>, mut draft: ImageDraft, lease: &Lease) -> Result<ImageDraft, ConvertError> {
+        let blobs = StoreBlobs::new(self.store.clone());
+        let kind = driver.kind();
+        let (result, draft, blobs) = tokio::task::spawn_blocking(move || {
+            let result = driver.finish_image(&mut draft, &blobs);
+            (result, draft, blobs)
+        })
+        .await
+        .map_err(|e| ConvertError::Join(e.to_string()))?;
+        result.map_err(|source| ConvertError::ImageStep { image: image.reference.to_string(), driver: kind, source })?;
+        blobs.store_added(lease).await?;
+        Ok(draft)
+    }
+
+    /// Stores the config of a finished draft and builds its manifest.
+    async fn assemble(&self, image: &SourceImage, draft: ImageDraft, lease: &Lease) -> Result<TargetImage, ConvertError> {
+        let ImageDraft { layers, mut config, annotations } = draft;
+        let new_ids: Vec<serde_json::Value> = layers.iter().map(|l| serde_json::Value::String(l.diff_id.to_string())).collect();
         config["rootfs"]["diff_ids"] = serde_json::Value::Array(new_ids);
         let config_bytes = serde_json::to_vec(&config).map_err(|e| ConvertError::BadImage { reference: image.reference.to_string(), why: e.to_string() })?;
         let config_digest = self.put_small(&config_bytes, lease).await?;
@@ -320,9 +366,8 @@ impl Converter {
         let mut manifest = image.manifest.clone();
         manifest.media_type = Some(media_types::OCI_MANIFEST.to_string());
         manifest.config = config_desc.clone();
-        manifest.layers = converted.iter().map(|(d, _)| d.clone()).collect();
-        manifest.annotations.insert(annotations::SOURCE_DIGEST.into(), image.digest.to_string());
-        manifest.annotations.insert(annotations::DRIVER.into(), format!("{}/{}", driver.kind(), driver.version()));
+        manifest.layers = layers.into_iter().map(|l| l.descriptor).collect();
+        manifest.annotations = annotations;
         let bytes = Bytes::from(serde_json::to_vec(&manifest).expect("manifest serializes"));
         self.store.put_manifest(media_types::OCI_MANIFEST, &bytes, lease).await?;
         let mut blobs = manifest.layers.clone();
@@ -331,51 +376,64 @@ impl Converter {
         Ok(TargetImage { entry: image.entry.clone(), digest: Digest::of(&bytes), manifest: bytes, blobs, size })
     }
 
+    /// Converts one source layer with every driver at once, from one decoding of it, and
+    /// checks the decoded stream against the config's diff_id.
     async fn convert_layer(
         &self,
         image: &SourceImage,
         layer: &Descriptor,
         expected_diff_id: Option<Digest>,
-        driver: Arc<dyn Driver>,
+        drivers: &[Arc<dyn Driver>],
         lease: &Lease,
-    ) -> Result<(Descriptor, Digest), ConvertError> {
+    ) -> Result<Vec<ConvertedLayer>, ConvertError> {
         let reader = self.store.reader(&layer.digest).await?;
-        let writer = self.store.writer(lease).await?;
+        let mut writers = Vec::with_capacity(drivers.len());
+        for _ in drivers {
+            // The bridges block on the runtime from the blocking pool, never from executor threads.
+            writers.push(SyncIoBridge::new(self.store.writer(lease).await?));
+        }
         let media_type = layer.media_type.clone();
-        let driver_err = |source| ConvertError::Driver { image: image.reference.to_string(), layer: layer.digest.clone(), source };
-        // The bridges block on the runtime from the blocking pool, never from executor threads.
         let input = SyncIoBridge::new(reader);
-        let output = SyncIoBridge::new(writer);
-        let joined = tokio::task::spawn_blocking(move || -> Result<_, DriverError> {
-            let buffered = BufReader::with_capacity(1 << 20, input);
-            let decompressed = compression::decompressed(buffered, Some(&media_type))?;
-            let mut hashing = HashingReader { inner: decompressed, hasher: Hasher::new() };
-            let mut out = BufWriter::with_capacity(1 << 20, output);
-            let produced = driver.convert_layer(&mut hashing, &mut out)?;
-            // Tar writers pad past the end-of-archive blocks; the diff_id covers those bytes too.
-            std::io::copy(&mut hashing, &mut std::io::sink()).map_err(compression::driver_error)?;
-            out.flush()?;
-            let mut bridge = out.into_inner().map_err(|e| e.into_error())?;
-            bridge.shutdown()?;
-            Ok((produced, hashing.hasher.finish(), bridge.into_inner()))
+        let all = drivers.to_vec();
+        let joined = tokio::task::spawn_blocking(move || {
+            let (decoded, outputs) = fanout::convert_all(input, &media_type, &all, writers)?;
+            let mut done = Vec::with_capacity(outputs.len());
+            for (i, (produced, mut bridge)) in outputs.into_iter().enumerate() {
+                bridge.shutdown().map_err(|e| FanoutError::Driver(i, DriverError::Io(e)))?;
+                done.push((produced, bridge.into_inner()));
+            }
+            Ok::<_, FanoutError>((decoded, done))
         })
         .await
         .map_err(|e| ConvertError::Join(e.to_string()))?;
-        let (produced, source_diff_id, writer) = joined.map_err(driver_err)?;
+        let (decoded, outputs) = joined.map_err(|e| match e {
+            FanoutError::Source(source) => ConvertError::Driver { image: image.reference.to_string(), layer: layer.digest.clone(), source },
+            FanoutError::Driver(i, source) => ConvertError::Driver {
+                image: format!("{} ({})", image.reference, drivers[i].kind()),
+                layer: layer.digest.clone(),
+                source,
+            },
+        })?;
+        self.progress.layer_decoded(&layer.digest, decoded.size, drivers.len());
         if let Some(expected) = expected_diff_id {
-            if expected != source_diff_id {
+            if expected != decoded.diff_id {
                 return Err(ConvertError::DiffIdMismatch {
                     image: image.reference.to_string(),
                     layer: layer.digest.clone(),
                     expected,
-                    actual: source_diff_id,
+                    actual: decoded.diff_id,
                 });
             }
         }
-        let (digest, size) = writer.commit(None).await?;
-        let mut desc = Descriptor::new(&produced.media_type, digest, size);
-        desc.annotations = produced.annotations;
-        Ok((desc, produced.diff_id))
+        let mut converted = Vec::with_capacity(outputs.len());
+        for (produced, writer) in outputs {
+            let (digest, size) = writer.commit(None).await?;
+            let mut descriptor = Descriptor::new(&produced.media_type, digest, size);
+            descriptor.annotations = produced.annotations;
+            let diff_id = produced.diff_id.unwrap_or_else(|| decoded.diff_id.clone());
+            converted.push(ConvertedLayer { descriptor, diff_id, state: produced.state });
+        }
+        Ok(converted)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -568,20 +626,6 @@ fn check_single_platform(source: &Reference, image: &SourceImage, platforms: &[P
 
 fn join(platforms: &[Platform]) -> String {
     platforms.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ")
-}
-
-/// Hashes what passes through, to check the source layer against its diff_id.
-struct HashingReader<R> {
-    inner: R,
-    hasher: Hasher,
-}
-
-impl<R: Read> Read for HashingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
 //! Pipelines: events to tasks, durable tasks and their workers, naming targets and running
 //! conversions (pull once, convert, push).
 
+mod blobs;
+mod fanout;
 pub mod convert;
 pub mod event;
 pub mod matching;

@@ -4,7 +4,7 @@ use std::sync::Mutex;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::oci::Reference;
+use crate::oci::{Digest, Reference};
 
 /// Stages named as the acceleration service logs them, so existing log searches keep working.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +37,12 @@ pub trait Progress: Send + Sync {
     fn add_steps(&self, steps: u64);
     /// One unit of work finished; `what` says which, for the log.
     fn step_done(&self, what: &str);
+    /// A source layer was decoded (decompressed and hashed): `bytes` of tar, measured as read,
+    /// fed to `drivers` drivers at once. Called once per decoding, for counting; the default
+    /// does nothing.
+    fn layer_decoded(&self, layer: &Digest, bytes: u64, drivers: usize) {
+        let _ = (layer, bytes, drivers);
+    }
 }
 
 /// Log lines only: stages at info, each finished step at info with a running count.
@@ -59,6 +65,9 @@ impl Progress for LogProgress {
             *c
         };
         tracing::info!(module = %"converter", "[{done}/{total}] {what}");
+    }
+    fn layer_decoded(&self, layer: &Digest, bytes: u64, drivers: usize) {
+        tracing::debug!(module = %"converter", %layer, bytes, drivers, "decoded source layer once for every driver");
     }
 }
 

@@ -193,9 +193,10 @@ impl<'o> LayerWriter<'o> {
         annotations.insert(annotations::ESTARGZ_UNCOMPRESSED_SIZE.to_string(), uncompressed_size.to_string());
         Ok(LayerOutput {
             media_type: media_types::OCI_LAYER_GZIP.to_string(),
-            diff_id: diff.finish(),
+            diff_id: Some(diff.finish()),
             uncompressed_size,
             annotations,
+            state: None,
         })
     }
 }
