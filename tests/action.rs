@@ -361,7 +361,7 @@ fn bad_inputs_fail_before_converting() {
         (vec![("image", "")], "the input 'image' is empty"),
         (vec![("image", "127.0.0.1:1/a:b"), ("username", "u")], "'username' is set but 'password' is empty"),
         (vec![("image", "127.0.0.1:1/a:b"), ("insecure", "good.example:5000, bad/host")], "'bad/host' in the input 'insecure'"),
-        (vec![("image", "127.0.0.1:1/a:b"), ("drivers", "gzip")], "gzip"),
+        (vec![("image", "127.0.0.1:1/a:b"), ("drivers", "squashfs")], "squashfs"),
     ] {
         let run = runner.convert(&inputs);
         run.assert_failure();
