@@ -82,6 +82,15 @@ disabled_plugins = [
   level = "warn"
 [metrics]
   address = ""
+# Collect garbage only when a test asks for it (`ctr leases delete --sync`). By default the
+# scheduler also collects in the background, soon after a collection, whenever content changed,
+# and would remove unreferenced content a test still looks at.
+[plugins."io.containerd.gc.v1.scheduler"]
+  deletion_threshold = 0
+  mutation_threshold = 1000000
+  pause_threshold = 0.001
+  schedule_delay = "0s"
+  startup_delay = "1h"
 "#,
             root = d.join("root").display(),
             state = d.join("state").display(),
