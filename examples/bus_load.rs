@@ -1,10 +1,13 @@
-//! Load client for `acceld` reading JetStream: publishes distinct push events into a stream and
-//! times them until their results arrive on a NATS subject, with every result checked.
-//! `bench/bus.sh` runs it against `acceld`, a `nats-server -js` and a `docker-registry`.
+//! Load client for `acceld` reading a bus: publishes distinct push events into a JetStream
+//! stream (or a Kafka topic, with `--kafka`) and times them until their results arrive on a
+//! NATS subject (or a Kafka topic), with every result checked. `bench/bus.sh` runs it against
+//! `acceld`, a `nats-server -js` and a `docker-registry`; `bench/kafka.sh` against the `tansu`
+//! Kafka broker instead.
 //!
 //! ```sh
 //! bus_load --registry 127.0.0.1:5000 --setup-only          # push the already-converted image
 //! bus_load --nats nats://127.0.0.1:4222 --registry 127.0.0.1:5000 --events 20000
+//! bus_load --kafka 127.0.0.1:9092 --subject images --results results --registry 127.0.0.1:5000
 //! ```
 //!
 //! Every event names the same image, which is already a conversion output (its manifest
@@ -26,10 +29,14 @@ struct Args {
     /// NATS server.
     #[arg(long, default_value = "nats://127.0.0.1:4222")]
     nats: String,
-    /// Subject events are published to (a subject of acceld's JetStream source).
+    /// Kafka brokers: publish to the topic `--subject` and read results from the topic
+    /// `--results` instead of NATS.
+    #[arg(long)]
+    kafka: Option<String>,
+    /// Subject events are published to (a subject of acceld's JetStream source), or topic.
     #[arg(long, default_value = "bench.images")]
     subject: String,
-    /// Subject of acceld's `nats` sink.
+    /// Subject of acceld's `nats` sink, or topic of its `kafka` sink.
     #[arg(long, default_value = "bench.results")]
     results: String,
     /// Registry host the image is pushed to and the events name.
@@ -117,6 +124,90 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
 }
 
+/// Where events are published.
+#[derive(Clone)]
+enum Bus {
+    JetStream(async_nats::jetstream::Context),
+    Kafka(rdkafka::producer::FutureProducer),
+}
+
+type Ack = futures::future::BoxFuture<'static, Result<()>>;
+
+impl Bus {
+    async fn new(args: &Args) -> Result<Bus> {
+        Ok(match &args.kafka {
+            Some(brokers) => Bus::Kafka(
+                rdkafka::ClientConfig::new()
+                    .set("bootstrap.servers", brokers)
+                    .set("acks", "all")
+                    .set("linger.ms", "5")
+                    .create()
+                    .context("a Kafka producer")?,
+            ),
+            None => {
+                let client = async_nats::connect(&args.nats).await.with_context(|| format!("connecting to {}", args.nats))?;
+                Bus::JetStream(async_nats::jetstream::new(client))
+            }
+        })
+    }
+
+    /// Publishes; the returned future ends with the bus's acknowledgement.
+    async fn publish(&self, subject: String, body: String) -> Result<Ack> {
+        use futures::FutureExt;
+        match self {
+            Bus::JetStream(js) => {
+                let ack = js.publish(subject, body.into()).await?;
+                Ok(async move { ack.await.map(|_| ()).map_err(anyhow::Error::from) }.boxed())
+            }
+            Bus::Kafka(p) => {
+                let p = p.clone();
+                Ok(async move {
+                    let record = rdkafka::producer::FutureRecord::<(), str>::to(&subject).payload(&body);
+                    p.send(record, Duration::from_secs(30)).await.map(|_| ()).map_err(|(e, _)| anyhow::anyhow!("publishing to {subject}: {e}"))
+                }
+                .boxed())
+            }
+        }
+    }
+}
+
+/// Result bodies as they arrive.
+async fn results(args: &Args) -> Result<futures::stream::BoxStream<'static, Vec<u8>>> {
+    use futures::StreamExt as _;
+    match &args.kafka {
+        Some(brokers) => {
+            use rdkafka::consumer::{Consumer, StreamConsumer};
+            use rdkafka::Message as _;
+            let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", brokers)
+                .set("group.id", format!("bus-load-{}", args.run_id))
+                .set("auto.offset.reset", "earliest")
+                .create()
+                .context("a Kafka consumer")?;
+            consumer.subscribe(&[&args.results])?;
+            let consumer = std::sync::Arc::new(consumer);
+            Ok(futures::stream::unfold(consumer, |c| async move {
+                loop {
+                    match c.recv().await {
+                        Ok(m) => {
+                            let body = m.payload().unwrap_or_default().to_vec();
+                            return Some((body, c.clone()));
+                        }
+                        Err(e) => eprintln!("reading results: {e}"),
+                    }
+                }
+            })
+            .boxed())
+        }
+        None => {
+            let client = async_nats::connect(&args.nats).await.with_context(|| format!("connecting to {}", args.nats))?;
+            let sub = client.subscribe(args.results.clone()).await?;
+            client.flush().await?;
+            Ok(sub.map(|m| m.payload.to_vec()).boxed())
+        }
+    }
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -129,26 +220,21 @@ async fn run(args: Args) -> Result<()> {
         println!("{digest}");
         return Ok(());
     }
-    let client = async_nats::connect(&args.nats).await.with_context(|| format!("connecting to {}", args.nats))?;
-    let js = async_nats::jetstream::new(client.clone());
-    let mut results = client.subscribe(args.results.clone()).await?;
-    client.flush().await?;
-
     let subjects: Vec<String> =
         (0..args.events).map(|i| format!("{}/{}:{}-{i}@{digest}", args.registry, args.repository, args.run_id)).collect();
     let mut sent_at = std::collections::HashMap::with_capacity(args.events);
+    let mut results = results(&args).await?;
     let start = Instant::now();
     // Publishing runs beside the reading of results.
     let publish = {
-        let (js, subject, refs, in_flight) = (js.clone(), args.subject.clone(), subjects.clone(), args.in_flight.max(1));
+        let (args_bus, subject, refs, in_flight) = (Bus::new(&args).await?, args.subject.clone(), subjects.clone(), args.in_flight.max(1));
         tokio::spawn(async move {
             let mut times = Vec::with_capacity(refs.len());
             let mut pending = futures::stream::FuturesUnordered::new();
             for r in refs {
                 let body = json!({ "reference": r }).to_string();
-                let ack = js.publish(subject.clone(), body.into()).await?;
+                pending.push(args_bus.publish(subject.clone(), body).await?);
                 times.push((r, Instant::now()));
-                pending.push(std::future::IntoFuture::into_future(ack));
                 while pending.len() >= in_flight {
                     pending.next().await.expect("not empty")?;
                 }
@@ -164,12 +250,12 @@ async fn run(args: Args) -> Result<()> {
     let mut failed = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_secs);
     while seen.len() < args.events {
-        let m = match tokio::time::timeout_at(deadline, results.next()).await {
+        let payload = match tokio::time::timeout_at(deadline, results.next()).await {
             Ok(Some(m)) => m,
             Ok(None) => bail!("the results subscription ended"),
             Err(_) => bail!("only {} of {} results within {} s", seen.len(), args.events, args.timeout_secs),
         };
-        let v: Value = serde_json::from_slice(&m.payload).context("a result that is not JSON")?;
+        let v: Value = serde_json::from_slice(&payload).context("a result that is not JSON")?;
         let subject = v["subject"].as_str().unwrap_or_default().to_string();
         if v["data"]["status"] != "COMPLETED" {
             failed.push(format!("{subject}: {}", v["data"]["reason"]));
@@ -187,7 +273,8 @@ async fn run(args: Args) -> Result<()> {
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let wanted: HashSet<&String> = subjects.iter().collect();
     let missing = wanted.iter().filter(|s| !seen.contains(**s)).count();
-    println!("events: {}  published in {publish_secs:.2} s ({:.0}/s, JetStream-acknowledged)", args.events, args.events as f64 / publish_secs);
+    let acked = if args.kafka.is_some() { "Kafka-acknowledged" } else { "JetStream-acknowledged" };
+    println!("events: {}  published in {publish_secs:.2} s ({:.0}/s, {acked})", args.events, args.events as f64 / publish_secs);
     println!("results: {}  all in {total:.2} s: {:.0} events/s end to end", seen.len(), args.events as f64 / total);
     println!(
         "publish-to-result ms: p50 {:.1} p90 {:.1} p99 {:.1} max {:.1}",

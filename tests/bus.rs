@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,95 +15,9 @@ use serde_json::{json, Value};
 
 use accel::oci::annotations;
 use common::fixtures::{check_estargz, debian_image, handmade_image, PushedImage};
+use common::acceld::{start_fails, Acceld};
 use common::nats::NatsServer;
 use common::registry::{free_port, RegistryAuth, RegistryServer};
-
-/// The `acceld` binary with its own config, task database, store and log.
-struct Acceld {
-    child: Option<Child>,
-    dir: PathBuf,
-    port: u16,
-}
-
-impl Acceld {
-    /// Starts acceld with `body` (sources, sinks, pipelines) under a server/store/tasks head.
-    async fn start(dir: &Path, registry: &str, body: &str) -> Acceld {
-        std::fs::create_dir_all(dir).unwrap();
-        let port = free_port();
-        let config = format!(
-            "server: {{ listen: \"127.0.0.1:{port}\", shutdown_grace_secs: 30 }}\nstore: {{ kind: embedded, path: \"{store}\" }}\nregistries: {{ \"{registry}\": {{}} }}\ntasks: {{ path: \"{tasks}\", retry_backoff_secs: 1 }}\n{body}",
-            store = dir.join("store").display(),
-            tasks = dir.join("tasks.redb").display(),
-        );
-        std::fs::write(dir.join("pipelines.yaml"), config).unwrap();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("acceld.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_acceld"))
-            .arg("--config")
-            .arg(dir.join("pipelines.yaml"))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap();
-        let mut d = Acceld { child: Some(child), dir: dir.to_path_buf(), port };
-        let http = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("acceld exited with {status}:\n{}", d.log());
-            }
-            if let Ok(r) = http.get(d.url("/api/v1/health")).send().await {
-                if r.status().is_success() {
-                    return d;
-                }
-            }
-            assert!(Instant::now() < deadline, "acceld not healthy within 30 s:\n{}", d.log());
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("acceld.log")).unwrap_or_default()
-    }
-
-    async fn metrics(&self) -> String {
-        reqwest::get(self.url("/metrics")).await.unwrap().text().await.unwrap()
-    }
-
-    fn kill9(&mut self) {
-        let mut c = self.child.take().unwrap();
-        c.kill().unwrap();
-        c.wait().unwrap();
-    }
-}
-
-impl Drop for Acceld {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Runs acceld's start-up with a config and returns its exit and log, for start-up failures.
-fn start_fails(dir: &Path, registry: &str, body: &str) -> String {
-    std::fs::create_dir_all(dir).unwrap();
-    let config = format!(
-        "server: {{ listen: \"127.0.0.1:{}\" }}\nstore: {{ kind: embedded, path: \"{}\" }}\nregistries: {{ \"{registry}\": {{}} }}\ntasks: {{ path: \"{}\" }}\n{body}",
-        free_port(),
-        dir.join("store").display(),
-        dir.join("tasks.redb").display(),
-    );
-    std::fs::write(dir.join("pipelines.yaml"), config).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_acceld")).arg("--config").arg(dir.join("pipelines.yaml")).output().unwrap();
-    assert!(!out.status.success(), "acceld started:\n{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 /// Checks the converted image `repo:tag` against `source` with the reference eStargz reader.
 fn verify_estargz(reg: &RegistryServer, repo: &str, tag: &str, source: &PushedImage) {

@@ -1,4 +1,4 @@
-//! Config of message-bus sources and sinks (NATS, JetStream), of Harbor webhook forwarding,
+//! Config of message-bus sources and sinks (NATS, JetStream; Kafka is in `kafka.rs`), of Harbor webhook forwarding,
 //! and of the sinks that need no server (file, HTTP webhook).
 
 use std::collections::BTreeMap;
@@ -124,6 +124,8 @@ pub enum ForwardConfig {
     Nats(NatsPublishConfig),
     /// A JetStream subject: the webhook is answered once the stream stored the message.
     Jetstream(NatsPublishConfig),
+    /// A Kafka topic: the webhook is answered once the brokers acknowledged the record.
+    Kafka(super::KafkaPublishConfig),
 }
 
 /// Publishing to a NATS subject.
@@ -270,6 +272,7 @@ impl ForwardConfig {
     pub fn check(&self, at: &str, problem: &mut Report) {
         match self {
             ForwardConfig::Nats(c) | ForwardConfig::Jetstream(c) => c.check(at, problem),
+            ForwardConfig::Kafka(c) => c.check(at, problem),
         }
     }
 }

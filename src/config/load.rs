@@ -166,6 +166,7 @@ impl Config {
                 SourceConfig::Nats(c) => c.check(&at, &mut problem),
                 SourceConfig::Jetstream(c) => c.check(&at, &mut problem),
                 SourceConfig::Poll(c) => c.check(&at, &mut problem),
+                SourceConfig::Kafka(c) => c.check(&at, &mut problem),
             }
         }
         for (name, s) in &self.sinks {
@@ -175,6 +176,7 @@ impl Config {
                 SinkConfig::File(c) => c.check(&at, &mut problem),
                 SinkConfig::Http(c) => c.check(&at, &mut problem),
                 SinkConfig::Nats(c) | SinkConfig::Jetstream(c) => c.check(&at, &mut problem),
+                SinkConfig::Kafka(c) => c.check(&at, &mut problem),
             }
         }
         out

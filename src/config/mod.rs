@@ -2,6 +2,7 @@
 //! validation that reports every problem with its path.
 
 pub mod bus;
+pub mod kafka;
 mod load;
 mod units;
 
@@ -10,6 +11,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+pub use kafka::{KafkaConnection, KafkaKey, KafkaPublishConfig, KafkaSasl, KafkaSourceConfig, KafkaTls};
 pub use bus::{AckWhen, FileSinkConfig, ForwardConfig, HttpSinkConfig, JetStreamSourceConfig, NatsAuth, NatsPublishConfig, NatsSourceConfig};
 pub use load::{ConfigError, Problem};
 pub use units::{string_or_list, ByteSize, Secret};
@@ -183,7 +185,8 @@ pub enum SourceConfig {
     /// Polls a registry's tag lists for new tags and moved digests, for registries without
     /// webhooks (`src/sources/poll/`).
     Poll(crate::sources::poll::PollSourceConfig),
-    // Kafka topics (`kafka`) go here.
+    /// Kafka topics read through a consumer group (`src/sources/kafka.rs`).
+    Kafka(KafkaSourceConfig),
 }
 
 impl SourceConfig {
@@ -194,6 +197,7 @@ impl SourceConfig {
             SourceConfig::Nats(_) => "nats",
             SourceConfig::Jetstream(_) => "jetstream",
             SourceConfig::Poll(_) => "poll",
+            SourceConfig::Kafka(_) => "kafka",
         }
     }
 }
@@ -212,7 +216,8 @@ pub enum SinkConfig {
     Nats(NatsPublishConfig),
     /// Each result published to a JetStream subject, waiting for the stream's acknowledgement.
     Jetstream(NatsPublishConfig),
-    // Kafka topics (`kafka`) go here.
+    /// Each result published to a Kafka topic, waiting for the brokers' acknowledgement.
+    Kafka(KafkaPublishConfig),
 }
 
 impl SinkConfig {
@@ -224,6 +229,7 @@ impl SinkConfig {
             SinkConfig::Http(_) => "http",
             SinkConfig::Nats(_) => "nats",
             SinkConfig::Jetstream(_) => "jetstream",
+            SinkConfig::Kafka(_) => "kafka",
         }
     }
 }

@@ -7,6 +7,7 @@
 pub mod delivery;
 pub mod file;
 pub mod http;
+pub mod kafka;
 pub mod nats;
 pub mod result;
 pub mod stdout;
@@ -61,6 +62,7 @@ pub async fn build(name: &str, config: &SinkConfig) -> Result<Arc<dyn Sink>, Sin
         SinkConfig::Http(c) => Arc::new(http::HttpSink::new(name, c)?),
         SinkConfig::Nats(c) => Arc::new(nats::NatsSink::new(name, c, false).await?),
         SinkConfig::Jetstream(c) => Arc::new(nats::NatsSink::new(name, c, true).await?),
+        SinkConfig::Kafka(c) => Arc::new(kafka::KafkaSink::new(name, c)?),
     })
 }
 

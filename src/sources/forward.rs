@@ -43,6 +43,27 @@ impl Forward for NatsForward {
     }
 }
 
+/// Webhook bodies published to a Kafka topic, keyed by nothing (spread over partitions).
+struct KafkaForward {
+    source: String,
+    publisher: crate::bus::kafka::Publisher,
+}
+
+#[async_trait]
+impl Forward for KafkaForward {
+    fn target(&self) -> String {
+        self.publisher.describe()
+    }
+
+    async fn forward(&self, body: &[u8], content_type: Option<&str>) -> Result<(), String> {
+        let mut h = vec![(headers::SOURCE, self.source.as_str())];
+        if let Some(ct) = content_type {
+            h.push(("Content-Type", ct));
+        }
+        self.publisher.publish(None, &h, body).await
+    }
+}
+
 /// Connects the forwarding of source `name`; a bus that cannot be reached fails start-up.
 pub async fn build(name: &str, config: &ForwardConfig) -> Result<Arc<dyn Forward>, SourceError> {
     match config {
@@ -55,6 +76,12 @@ pub async fn build(name: &str, config: &ForwardConfig) -> Result<Arc<dyn Forward
             let publisher = Publisher::new(client, &c.subject, jetstream, timeout);
             publisher.check().await.map_err(|why| SourceError::Setup { source_name: name.into(), why: format!("forward: {why}") })?;
             Ok(Arc::new(NatsForward { source: name.into(), publisher }))
+        }
+        ForwardConfig::Kafka(c) => {
+            let setup = |why: String| SourceError::Setup { source_name: name.into(), why: format!("forward: {why}") };
+            let publisher = crate::bus::kafka::Publisher::new(&c.connection(), &c.topic, Duration::from_secs(c.timeout_secs.max(1))).map_err(setup)?;
+            publisher.check().await.map_err(setup)?;
+            Ok(Arc::new(KafkaForward { source: name.into(), publisher }))
         }
     }
 }

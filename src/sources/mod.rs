@@ -19,6 +19,7 @@
 
 pub mod forward;
 pub mod harbor;
+pub mod kafka;
 pub mod message;
 pub mod nats;
 pub mod poll;
@@ -282,6 +283,7 @@ pub async fn build(name: &str, config: &SourceConfig, ctx: &SourceContext) -> Re
         SourceConfig::Poll(_) => Ok(None),
         SourceConfig::Nats(c) => nats::NatsSource::build(name, c, ctx).await.map(Some),
         SourceConfig::Jetstream(c) => nats::JetStreamSource::build(name, c, ctx).await.map(Some),
+        SourceConfig::Kafka(c) => kafka::KafkaSource::build(name, c, ctx).await.map(Some),
     }
 }
 
