@@ -107,8 +107,13 @@ pipelines:
     assert_eq!(r["data"]["status"], "COMPLETED", "{r}");
 
     // Everything read is committed: the group's offset is the end of the topic.
-    wait_until("the group committed the end of the topic", Duration::from_secs(30), || kafka.committed("acceld", "images", 1) == kafka.ends("images", 1), || d.log())
-        .await;
+    wait_until(
+        "the group committed the end of the topic",
+        Duration::from_secs(30),
+        || kafka.committed("acceld", "images", 1) == kafka.ends("images", 1),
+        || d.log(),
+    )
+    .await;
     let m = d.metrics().await;
     for line in [
         r#"accel_source_messages_total{source="k",outcome="dead_lettered"} 1"#,
@@ -335,6 +340,11 @@ pipelines:
     }
     // Each event has one result; the group has committed the end of both partitions.
     assert_eq!(results.all().len(), 4, "{:?}", results.all());
-    wait_until("the group committed the end of both partitions", Duration::from_secs(30), || kafka.committed("acceld", "images", 2) == kafka.ends("images", 2), log)
-        .await;
+    wait_until(
+        "the group committed the end of both partitions",
+        Duration::from_secs(30),
+        || kafka.committed("acceld", "images", 2) == kafka.ends("images", 2),
+        log,
+    )
+    .await;
 }

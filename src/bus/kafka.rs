@@ -61,9 +61,7 @@ pub fn check_topics(c: &KafkaConnection, topics: &[String], timeout: Duration) -
     let brokers = describe_brokers(c);
     let client: BaseConsumer = client_config(c).create().map_err(|e| format!("cannot set up a Kafka client for {brokers}: {e}"))?;
     for topic in topics {
-        let md = client
-            .fetch_metadata(Some(topic), timeout)
-            .map_err(|e| format!("cannot reach the Kafka brokers {brokers} within {timeout:?}: {e}"))?;
+        let md = client.fetch_metadata(Some(topic), timeout).map_err(|e| format!("cannot reach the Kafka brokers {brokers} within {timeout:?}: {e}"))?;
         let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
             return Err(format!("the Kafka brokers {brokers} did not describe topic {topic}"));
         };

@@ -413,8 +413,12 @@ sinks:
         ] {
             assert!(paths.contains(&want), "{want} not in {paths:?}\n{e}");
         }
-        let e = Config::parse("sources: { k: { kind: kafka, brokers: \"h:1\", topic: t, group: g, session_timeout_secs: 30, rejoin_stalled_secs: 10 } }", "t", &|_| None)
-            .unwrap_err();
+        let e = Config::parse(
+            "sources: { k: { kind: kafka, brokers: \"h:1\", topic: t, group: g, session_timeout_secs: 30, rejoin_stalled_secs: 10 } }",
+            "t",
+            &|_| None,
+        )
+        .unwrap_err();
         assert!(e.problems().iter().any(|p| p.path == "sources.k.rejoin_stalled_secs"), "{e}");
         let e = Config::parse("sources: { k: { kind: kafka, brokers: \"h:1\", topic: t, group: g, partition: 1 } }", "t", &|_| None).unwrap_err();
         assert!(e.to_string().contains("partition"), "{e}");

@@ -41,9 +41,6 @@ impl Sink for KafkaSink {
             KafkaKey::None => None,
         };
         let headers = [("content-type", CONTENT_TYPE), ("ce_type", event.event_type.as_str())];
-        self.publisher
-            .publish(key, &headers, &event.to_json())
-            .await
-            .map_err(|why| SinkError::Unavailable { sink: self.name.clone(), why })
+        self.publisher.publish(key, &headers, &event.to_json()).await.map_err(|why| SinkError::Unavailable { sink: self.name.clone(), why })
     }
 }

@@ -347,7 +347,10 @@ impl KafkaSource {
                 let _permit = permit;
                 let location = format!("topic {} partition {} offset {}", msg.topic(), msg.partition(), msg.offset());
                 let ct = msg.headers().and_then(|h| {
-                    h.iter().find(|h| h.key.eq_ignore_ascii_case("content-type")).and_then(|h| h.value).and_then(|v| std::str::from_utf8(v).ok().map(String::from))
+                    h.iter()
+                        .find(|h| h.key.eq_ignore_ascii_case("content-type"))
+                        .and_then(|h| h.value)
+                        .and_then(|v| std::str::from_utf8(v).ok().map(String::from))
                 });
                 let m = Message { body: msg.payload().unwrap_or_default(), content_type: ct.as_deref(), location: &location };
                 match inbox.handle(&m).await {

@@ -114,11 +114,8 @@ impl Offsets {
 
     /// Offsets to commit: each partition whose commit offset moved since the last call.
     pub fn take_commits(&mut self) -> Vec<(Partition, i64)> {
-        let mut out: Vec<(Partition, i64)> = self
-            .partitions
-            .iter_mut()
-            .filter_map(|(p, t)| if std::mem::take(&mut t.dirty) { t.upto.map(|o| (p.clone(), o)) } else { None })
-            .collect();
+        let mut out: Vec<(Partition, i64)> =
+            self.partitions.iter_mut().filter_map(|(p, t)| if std::mem::take(&mut t.dirty) { t.upto.map(|o| (p.clone(), o)) } else { None }).collect();
         out.sort();
         out
     }
