@@ -21,8 +21,8 @@ use std::time::Duration;
 use nydus_api::ConfigV2;
 use nydus_builder::attributes::Attributes;
 use nydus_builder::{
-    ArtifactStorage, BlobManager, BootstrapManager, BuildContext, Builder, ConversionType, Features, Prefetch, TarballBuilder,
-    WhiteoutSpec,
+    ArtifactStorage, BlobManager, BootstrapManager, BuildContext, Builder, ConversionType,
+    Features, Prefetch, TarballBuilder, WhiteoutSpec,
 };
 use nydus_utils::digest;
 
@@ -49,7 +49,11 @@ impl LayerBootstrap {
     }
 }
 
-pub(super) fn convert_layer(opts: &NydusOptions, input: &mut dyn Read, output: &mut dyn Write) -> Result<LayerOutput, DriverError> {
+pub(super) fn convert_layer(
+    opts: &NydusOptions,
+    input: &mut dyn Read,
+    output: &mut dyn Write,
+) -> Result<LayerOutput, DriverError> {
     let dir = tempfile::Builder::new().prefix("accel-nydus-").tempdir()?;
     let fifo = dir.path().join("layer.tar");
     mkfifo(&fifo)?;
@@ -67,13 +71,22 @@ pub(super) fn convert_layer(opts: &NydusOptions, input: &mut dyn Read, output: &
     let blob_id = match built {
         Ok(Ok(blob_id)) => blob_id,
         Ok(Err(e)) => {
-            let near = fed.last_entry.map(|n| format!(" (at or just before tar entry {n:?})")).unwrap_or_default();
-            return Err(DriverError::Format { driver: DriverKind::Nydus, why: format!("nydus could not build the layer{near}: {e:#}") });
+            let near = fed
+                .last_entry
+                .map(|n| format!(" (at or just before tar entry {n:?})"))
+                .unwrap_or_default();
+            return Err(DriverError::Format {
+                driver: DriverKind::Nydus,
+                why: format!("nydus could not build the layer{near}: {e:#}"),
+            });
         }
         Err(panic) => {
             return Err(DriverError::Format {
                 driver: DriverKind::Nydus,
-                why: format!("nydus's builder failed on this layer: {}", panic_message(&*panic)),
+                why: format!(
+                    "nydus's builder failed on this layer: {}",
+                    panic_message(&*panic)
+                ),
             })
         }
     };
@@ -101,7 +114,12 @@ pub(super) fn convert_layer(opts: &NydusOptions, input: &mut dyn Read, output: &
 }
 
 /// Runs nydus's tar builder as `nydus-image create --type tar-rafs` does.
-fn build(opts: &NydusOptions, source: &Path, blob: &Path, bootstrap: &Path) -> anyhow::Result<Option<String>> {
+fn build(
+    opts: &NydusOptions,
+    source: &Path,
+    blob: &Path,
+    bootstrap: &Path,
+) -> anyhow::Result<Option<String>> {
     // RAFS v6 needs chunks aligned to 4 KiB in the uncompressed blob (nydus-image enforces it).
     let aligned_chunk = opts.fs_version == 6;
     let mut ctx = BuildContext::new(
@@ -127,9 +145,16 @@ fn build(opts: &NydusOptions, source: &Path, blob: &Path, bootstrap: &Path) -> a
     let config = ConfigV2::default();
     config.internal.set_blob_accessible(true);
     ctx.set_configuration(Arc::new(config));
-    let mut bootstrap_mgr = BootstrapManager::new(Some(ArtifactStorage::SingleFile(bootstrap.to_path_buf())), None);
+    let mut bootstrap_mgr = BootstrapManager::new(
+        Some(ArtifactStorage::SingleFile(bootstrap.to_path_buf())),
+        None,
+    );
     let mut blob_mgr = BlobManager::new(DIGESTER, false);
-    let out = TarballBuilder::new(ConversionType::TarToRafs).build(&mut ctx, &mut bootstrap_mgr, &mut blob_mgr)?;
+    let out = TarballBuilder::new(ConversionType::TarToRafs).build(
+        &mut ctx,
+        &mut bootstrap_mgr,
+        &mut blob_mgr,
+    )?;
     Ok(out.blobs.into_iter().next())
 }
 
@@ -140,13 +165,20 @@ struct Fed {
 }
 
 /// Passes the source stream to the builder through the FIFO, checking each entry on the way.
-fn feed(input: &mut dyn Read, fifo: &Path, builder: &ScopedJoinHandle<'_, anyhow::Result<Option<String>>>) -> Result<Fed, DriverError> {
+fn feed(
+    input: &mut dyn Read,
+    fifo: &Path,
+    builder: &ScopedJoinHandle<'_, anyhow::Result<Option<String>>>,
+) -> Result<Fed, DriverError> {
     let Some(pipe) = open_writer(fifo, builder)? else {
         // The builder stopped before it opened its source; its error says why.
         io::copy(input, &mut io::sink())?;
         return Ok(Fed { last_entry: None });
     };
-    let mut tar = TarReader::new(Tee { input, pipe: Some(pipe) });
+    let mut tar = TarReader::new(Tee {
+        input,
+        pipe: Some(pipe),
+    });
     let mut last_entry = None;
     while let Some(entry) = tar.next_entry()? {
         let name = entry.header.name_lossy().into_owned();
@@ -167,7 +199,9 @@ fn feed(input: &mut dyn Read, fifo: &Path, builder: &ScopedJoinHandle<'_, anyhow
 fn check_entry(h: &Header) -> Result<(), String> {
     let newline = |v: &[u8]| v.contains(&b'\n');
     if newline(&h.name) || newline(&h.linkname) || newline(&h.uname) || newline(&h.gname) {
-        return Err("a PAX header value holds a newline, which nydus's tar parser cannot read".into());
+        return Err(
+            "a PAX header value holds a newline, which nydus's tar parser cannot read".into(),
+        );
     }
     for (k, v) in h.xattrs.iter().chain(&h.schily_xattrs) {
         if newline(k) || newline(v) {
@@ -184,8 +218,13 @@ fn check_entry(h: &Header) -> Result<(), String> {
         return Err("PAX global headers are not supported by nydus".into());
     }
     match h.entry_type {
-        EntryType::Regular if h.typeflag == b'7' => Err("contiguous files (type 7) are not supported by nydus".into()),
-        EntryType::Other(flag) => Err(format!("tar entry type {:?} is not supported by nydus", flag as char)),
+        EntryType::Regular if h.typeflag == b'7' => {
+            Err("contiguous files (type 7) are not supported by nydus".into())
+        }
+        EntryType::Other(flag) => Err(format!(
+            "tar entry type {:?} is not supported by nydus",
+            flag as char
+        )),
         _ => Ok(()),
     }
 }
@@ -221,14 +260,23 @@ fn mkfifo(path: &Path) -> io::Result<()> {
 
 /// Opens the FIFO's write end once the builder has opened its read end; `None` when the builder
 /// ended first. A blocking open would hang forever if the builder failed before opening it.
-fn open_writer(fifo: &Path, builder: &ScopedJoinHandle<'_, anyhow::Result<Option<String>>>) -> io::Result<Option<File>> {
+fn open_writer(
+    fifo: &Path,
+    builder: &ScopedJoinHandle<'_, anyhow::Result<Option<String>>>,
+) -> io::Result<Option<File>> {
     loop {
-        match OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(fifo) {
+        match OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(fifo)
+        {
             Ok(f) => {
                 let fd = f.as_raw_fd();
                 // SAFETY: `fd` is an open descriptor owned by `f`.
                 let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-                if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+                if flags < 0
+                    || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0
+                {
                     return Err(io::Error::last_os_error());
                 }
                 return Ok(Some(f));

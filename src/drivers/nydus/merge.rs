@@ -22,10 +22,17 @@ pub(super) const HISTORY_CREATED_BY: &str = "accel nydus driver";
 pub(super) const HISTORY_COMMENT: &str = "Nydus bootstrap layer";
 
 fn format_error(why: String) -> DriverError {
-    DriverError::Format { driver: DriverKind::Nydus, why }
+    DriverError::Format {
+        driver: DriverKind::Nydus,
+        why,
+    }
 }
 
-pub(super) fn finish_image(opts: &NydusOptions, image: &mut ImageDraft, blobs: &dyn BlobAccess) -> Result<(), DriverError> {
+pub(super) fn finish_image(
+    opts: &NydusOptions,
+    image: &mut ImageDraft,
+    blobs: &dyn BlobAccess,
+) -> Result<(), DriverError> {
     let mut sources = Vec::with_capacity(image.layers.len());
     let mut digests = Vec::with_capacity(image.layers.len());
     let mut sizes = Vec::with_capacity(image.layers.len());
@@ -35,21 +42,35 @@ pub(super) fn finish_image(opts: &NydusOptions, image: &mut ImageDraft, blobs: &
             .state
             .as_ref()
             .and_then(|s| s.downcast_ref::<LayerBootstrap>())
-            .ok_or_else(|| format_error(format!("layer {i} ({}) has no Nydus bootstrap", layer.descriptor.digest)))?;
+            .ok_or_else(|| {
+                format_error(format!(
+                    "layer {i} ({}) has no Nydus bootstrap",
+                    layer.descriptor.digest
+                ))
+            })?;
         sources.push(state.path());
-        ids.push(state.blob_id.clone().unwrap_or_else(|| layer.descriptor.digest.hex()));
+        ids.push(
+            state
+                .blob_id
+                .clone()
+                .unwrap_or_else(|| layer.descriptor.digest.hex()),
+        );
         digests.push(layer.descriptor.digest.hex());
         sizes.push(layer.descriptor.size);
     }
 
-    let dir = tempfile::Builder::new().prefix("accel-nydus-merge-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("accel-nydus-merge-")
+        .tempdir()?;
     let target = dir.path().join("image.boot");
     merge_bootstraps(opts, sources, digests, ids, sizes, target.clone())?;
 
     let (bootstrap, diff_id) = write_bootstrap_layer(&target, blobs)?;
     let mut desc = bootstrap;
-    desc.annotations.insert(ANNOTATION_BOOTSTRAP.into(), "true".into());
-    desc.annotations.insert(ANNOTATION_FS_VERSION.into(), opts.fs_version.to_string());
+    desc.annotations
+        .insert(ANNOTATION_BOOTSTRAP.into(), "true".into());
+    desc.annotations
+        .insert(ANNOTATION_FS_VERSION.into(), opts.fs_version.to_string());
 
     // A layer without file data has no blob: it is left out, its history entry made empty.
     let kept: Vec<bool> = image.layers.iter().map(|l| l.descriptor.size > 0).collect();
@@ -62,9 +83,15 @@ pub(super) fn finish_image(opts: &NydusOptions, image: &mut ImageDraft, blobs: &
             l
         })
         .collect();
-    image.layers.push(ConvertedLayer { descriptor: desc, diff_id, state: None });
+    image.layers.push(ConvertedLayer {
+        descriptor: desc,
+        diff_id,
+        state: None,
+    });
     rewrite_history(&mut image.config, &kept);
-    image.annotations.insert(annotations::SOURCE_REFERENCE.into(), image.source.clone());
+    image
+        .annotations
+        .insert(annotations::SOURCE_REFERENCE.into(), image.source.clone());
     Ok(())
 }
 
@@ -77,7 +104,11 @@ fn merge_bootstraps(
     target: PathBuf,
 ) -> Result<(), DriverError> {
     let prefetch = prefetch::prefetch(&opts.prefetch_patterns)?;
-    let mut ctx = BuildContext { prefetch, digester: DIGESTER, ..Default::default() };
+    let mut ctx = BuildContext {
+        prefetch,
+        digester: DIGESTER,
+        ..Default::default()
+    };
     // As `nydus-image merge` without a backend config: blobs are named by the lists given.
     let config = Arc::new(ConfigV2::default());
     config.internal.set_blob_accessible(false);
@@ -101,19 +132,30 @@ fn merge_bootstraps(
 
 /// Stores the bootstrap layer: a gzip tar with `image/` and `image/image.boot`. Returns its
 /// descriptor and diff_id.
-fn write_bootstrap_layer(bootstrap: &std::path::Path, blobs: &dyn BlobAccess) -> Result<(Descriptor, crate::oci::Digest), DriverError> {
+fn write_bootstrap_layer(
+    bootstrap: &std::path::Path,
+    blobs: &dyn BlobAccess,
+) -> Result<(Descriptor, crate::oci::Digest), DriverError> {
     let size = std::fs::metadata(bootstrap)?.len();
     let mut diff = None;
     let (digest, blob_size) = blobs.add(&mut |out: &mut dyn Write| {
         let gz = flate2::write::GzEncoder::new(out, flate2::Compression::default());
-        let mut tar = HashingWriter { inner: gz, hasher: Hasher::new() };
-        let dir = BOOTSTRAP_PATH.rsplit_once('/').map(|(d, _)| format!("{d}/")).unwrap_or_default();
+        let mut tar = HashingWriter {
+            inner: gz,
+            hasher: Hasher::new(),
+        };
+        let dir = BOOTSTRAP_PATH
+            .rsplit_once('/')
+            .map(|(d, _)| format!("{d}/"))
+            .unwrap_or_default();
         tar.write_all(&ustar_header(&dir, b'5', 0, 0o755))?;
         tar.write_all(&ustar_header(BOOTSTRAP_PATH, b'0', size, 0o644))?;
         let mut file = std::fs::File::open(bootstrap)?;
         let copied = io::copy(&mut file, &mut tar)?;
         if copied != size {
-            return Err(format_error(format!("bootstrap changed size while being written ({size} -> {copied} bytes)")));
+            return Err(format_error(format!(
+                "bootstrap changed size while being written ({size} -> {copied} bytes)"
+            )));
         }
         tar.write_all(&vec![0u8; crate::drivers::tar::padding_len(size)])?;
         tar.write_all(&[0u8; 1024])?;
@@ -123,7 +165,10 @@ fn write_bootstrap_layer(bootstrap: &std::path::Path, blobs: &dyn BlobAccess) ->
         Ok(())
     })?;
     let diff_id = diff.expect("the bootstrap layer was written");
-    Ok((Descriptor::new(media_types::OCI_LAYER_GZIP, digest, blob_size), diff_id))
+    Ok((
+        Descriptor::new(media_types::OCI_LAYER_GZIP, digest, blob_size),
+        diff_id,
+    ))
 }
 
 struct HashingWriter<W> {
@@ -150,7 +195,11 @@ pub(super) fn rewrite_history(config: &mut serde_json::Value, kept: &[bool]) {
     let Some(history) = config.get_mut("history").and_then(|h| h.as_array_mut()) else {
         return;
     };
-    let is_empty = |h: &serde_json::Value| h.get("empty_layer").and_then(|v| v.as_bool()).unwrap_or(false);
+    let is_empty = |h: &serde_json::Value| {
+        h.get("empty_layer")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false)
+    };
     let layer_entries = history.iter().filter(|h| !is_empty(h)).count();
     if layer_entries == kept.len() {
         let mut layer = 0;

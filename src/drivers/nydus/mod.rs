@@ -98,7 +98,10 @@ impl NydusOptions {
     fn validate(&self) -> Result<(), DriverError> {
         let mut problems = Vec::new();
         if !matches!(self.fs_version, 5 | 6) {
-            problems.push(format!("fs_version must be 5 or 6, got {}", self.fs_version));
+            problems.push(format!(
+                "fs_version must be 5 or 6, got {}",
+                self.fs_version
+            ));
         }
         let chunk = self.chunk_size.bytes();
         if !chunk.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk) {
@@ -115,12 +118,18 @@ impl NydusOptions {
             }
         }
         if self.with_referrer && self.merge_manifest {
-            problems.push("with_referrer and merge_manifest cannot both be set; choose one way to publish".into());
+            problems.push(
+                "with_referrer and merge_manifest cannot both be set; choose one way to publish"
+                    .into(),
+            );
         }
         if problems.is_empty() {
             Ok(())
         } else {
-            Err(DriverError::Options { driver: DriverKind::Nydus, why: problems.join("; ") })
+            Err(DriverError::Options {
+                driver: DriverKind::Nydus,
+                why: problems.join("; "),
+            })
         }
     }
 
@@ -157,11 +166,19 @@ impl Driver for Nydus {
         serde_json::to_value(&self.options).expect("options serialize")
     }
 
-    fn convert_layer(&self, input: &mut dyn Read, output: &mut dyn Write) -> Result<LayerOutput, DriverError> {
+    fn convert_layer(
+        &self,
+        input: &mut dyn Read,
+        output: &mut dyn Write,
+    ) -> Result<LayerOutput, DriverError> {
         build::convert_layer(&self.options, input, output)
     }
 
-    fn finish_image(&self, image: &mut ImageDraft, blobs: &dyn BlobAccess) -> Result<(), DriverError> {
+    fn finish_image(
+        &self,
+        image: &mut ImageDraft,
+        blobs: &dyn BlobAccess,
+    ) -> Result<(), DriverError> {
         merge::finish_image(&self.options, image, blobs)
     }
 
@@ -169,7 +186,10 @@ impl Driver for Nydus {
         if self.options.with_referrer {
             Publication::Referrer
         } else if self.options.merge_manifest {
-            Publication::MergedIndex { artifact_type: ARTIFACT_TYPE_MANIFEST, os_feature: OS_FEATURE }
+            Publication::MergedIndex {
+                artifact_type: ARTIFACT_TYPE_MANIFEST,
+                os_feature: OS_FEATURE,
+            }
         } else {
             Publication::Tag
         }

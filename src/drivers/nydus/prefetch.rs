@@ -63,7 +63,9 @@ pub(super) fn prefetch(patterns: &[String]) -> io::Result<Prefetch> {
         Some(fd) => unsafe { libc::dup2(fd.as_raw_fd(), 0) },
         None => unsafe { libc::close(0) },
     };
-    writer.join().map_err(|_| io::Error::other("prefetch pattern writer failed"))??;
+    writer
+        .join()
+        .map_err(|_| io::Error::other("prefetch pattern writer failed"))??;
     if restored < 0 {
         return Err(io::Error::last_os_error());
     }
