@@ -340,8 +340,7 @@ fn newline_in_pax_value_is_refused_with_its_entry() {
     let driver = Nydus::new(NydusOptions::default()).unwrap();
     let err = driver
         .convert_layer(&mut tar.as_slice(), &mut Vec::new())
-        .err()
-        .expect("refused")
+        .expect_err("refused")
         .to_string();
     assert!(err.contains("\"bad\\nname\""), "{err}");
     assert!(err.contains("newline"), "{err}");
@@ -356,8 +355,7 @@ fn a_builder_failure_is_an_error_not_a_panic() {
     let driver = Nydus::new(NydusOptions::default()).unwrap();
     let err = driver
         .convert_layer(&mut tar.as_slice(), &mut Vec::new())
-        .err()
-        .expect("refused")
+        .expect_err("refused")
         .to_string();
     assert!(err.contains("nydus could not build the layer"), "{err}");
     assert!(err.contains("orphan"), "{err}");
