@@ -602,6 +602,8 @@ impl Converter {
         for image in images {
             self.push_blobs(target, &image.source_blobs, mount_from).await?;
             let source_ref = target.repository_only().with_digest(image.source.digest.clone());
+            // The index names it, so the store keeps it with the index.
+            self.store.put_manifest(&image.source.media_type, &image.source_bytes, lease).await?;
             self.put_manifest(&source_ref, &image.source.media_type, image.source_bytes.clone()).await?;
             let child = target.repository_only().with_digest(image.digest.clone());
             self.put_manifest(&child, media_types::OCI_MANIFEST, image.manifest.clone()).await?;
