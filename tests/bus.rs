@@ -393,3 +393,71 @@ pipelines:
     let info = consumer.info().await.unwrap();
     assert_eq!((info.num_pending, info.num_ack_pending), (0, 0), "{info:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_consumer_keeps_its_deadline_and_a_source_that_cannot_read_shows_in_health() {
+    use jetstream::consumer::{pull, AckPolicy};
+    let reg = RegistryServer::start(RegistryAuth::None);
+    let nats = NatsServer::start();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    // Made by someone else with a 1 s deadline; the config asks for 60 s and does not create.
+    let stream = js
+        .create_stream(jetstream::stream::Config { name: "IMAGES".into(), subjects: vec!["images.>".into()], ..Default::default() })
+        .await
+        .unwrap();
+    stream
+        .create_consumer(pull::Config {
+            durable_name: Some("acceld".into()),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(1),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let results = Results::subscribe(&client, "results").await;
+    let url = nats.url();
+    let body = format!(
+        r#"
+sources:
+  bus: {{ kind: jetstream, url: "{url}", stream: IMAGES, consumer: acceld, ack_wait_secs: 60, batch: 1 }}
+sinks:
+  bus: {{ kind: nats, url: "{url}", subject: results }}
+pipelines:
+  - name: accelerate
+    convert: [{{ driver: estargz, options: {{ compression_level: 9 }} }}]
+    sinks: [bus]
+"#
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let acceld = Acceld::start(dir.path(), &reg.host(), &body).await;
+    assert!(acceld.log().contains("has ack_wait 1s"), "the differing deadline is reported:\n{}", acceld.log());
+    let health: Value = reqwest::get(acceld.url("/api/v1/health")).await.unwrap().json().await.unwrap();
+    assert_eq!((health["status"].as_str(), health["sources"]["bus"]["state"].as_str()), (Some("ok"), Some("reading")), "{health}");
+
+    // Seconds of conversion, far past the 1 s deadline: keep-alives paced by the consumer's
+    // own deadline keep the message from being delivered again.
+    let big = debian_image("amd64").build().push(&reg.host(), "library/big:1");
+    js_publish(&js, "images.pushed", json!({ "reference": format!("{}@{}", big.reference, big.digest) }).to_string()).await;
+    let log = || acceld.log();
+    let r = results.wait_for(&format!("{}@{}", big.reference, big.digest), Duration::from_secs(600), log).await;
+    assert_eq!(r["data"]["status"], "COMPLETED", "{r}");
+    let mut consumer: jetstream::consumer::PullConsumer = js.get_stream("IMAGES").await.unwrap().get_consumer("acceld").await.unwrap();
+    let info = consumer.info().await.unwrap();
+    assert_eq!((info.num_redelivered, info.num_ack_pending, info.num_pending), (0, 0, 0), "{info:?}\n{}", acceld.log());
+
+    // The consumer goes away: the source cannot read, and health says so until it can.
+    js.get_stream("IMAGES").await.unwrap().delete_consumer("acceld").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let health = loop {
+        let h: Value = reqwest::get(acceld.url("/api/v1/health")).await.unwrap().json().await.unwrap();
+        if h["sources"]["bus"]["state"] == "restarting" {
+            break h;
+        }
+        assert!(Instant::now() < deadline, "health never shows the source failing: {h}\n{}", acceld.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(health["status"], "degraded", "{health}");
+    assert!(health["sources"]["bus"]["error"].as_str().is_some_and(|e| !e.is_empty()), "{health}");
+    assert!(acceld.metrics().await.lines().any(|l| l == "accel_source_up{source=\"bus\"} 0"));
+}

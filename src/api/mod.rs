@@ -32,6 +32,7 @@ use crate::pipeline::worker::SubmitError;
 use crate::pipeline::{Router, Workers};
 use crate::sources::forward::Forward;
 use crate::sources::harbor::{self, PayloadError, Webhook};
+use crate::sources::SourceStatuses;
 
 pub const CONVERSIONS_PATH: &str = "/api/v1/conversions";
 pub const HEALTH_PATH: &str = "/api/v1/health";
@@ -55,6 +56,8 @@ struct Inner {
     forward: Option<Arc<dyn Forward>>,
     http: HttpMetrics,
     started: Instant,
+    /// States of the bus sources, shown by the health answer.
+    sources: SourceStatuses,
 }
 
 impl AppState {
@@ -73,8 +76,16 @@ impl AppState {
                 forward,
                 http: HttpMetrics::default(),
                 started: Instant::now(),
+                sources: SourceStatuses::default(),
             }),
         }
+    }
+
+    /// Shows these sources' states in the health answer and metrics. Call before the state is
+    /// shared (cloned).
+    pub fn with_sources(mut self, sources: SourceStatuses) -> Self {
+        Arc::get_mut(&mut self.inner).expect("with_sources is called before the state is shared").sources = sources;
+        self
     }
 }
 
@@ -328,11 +339,24 @@ async fn list(State(st): State<AppState>) -> Result<axum::Json<Vec<TaskView>>, A
     Ok(axum::Json(tasks.iter().map(TaskView::from).collect()))
 }
 
+/// 200 `{"status": "ok"}` when all is well. A bus source waiting to start again after an error
+/// makes it 200 `{"status": "degraded"}`: webhooks and the API still work. Either way `sources`
+/// lists every bus source's state. Workers or the task database failing is a 500.
 async fn health(State(st): State<AppState>) -> Response {
-    match st.inner.workers.health().await {
-        Ok(()) => axum::Json(serde_json::json!({ "status": "ok" })).into_response(),
-        Err(why) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "unhealthy", why).into_response(),
+    if let Err(why) = st.inner.workers.health().await {
+        return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "unhealthy", why).into_response();
     }
+    let sources = st.inner.sources.snapshot();
+    let mut body = serde_json::json!({ "status": "ok" });
+    if !sources.is_empty() {
+        let failing = st.inner.sources.failing();
+        if !failing.is_empty() {
+            body["status"] = "degraded".into();
+            body["message"] = format!("source(s) {} cannot read and are being started again", failing.join(", ")).into();
+        }
+        body["sources"] = serde_json::to_value(sources).unwrap_or_default();
+    }
+    axum::Json(body).into_response()
 }
 
 async fn metrics(State(st): State<AppState>) -> Response {
@@ -340,6 +364,7 @@ async fn metrics(State(st): State<AppState>) -> Response {
     let w = &st.inner.workers;
     w.metrics().render(&mut out, &w.queue_depths());
     st.inner.http.render(&mut out);
+    st.inner.sources.render(&mut out);
     let _ = writeln!(out, "# HELP accel_uptime_seconds Time since acceld started.");
     let _ = writeln!(out, "# TYPE accel_uptime_seconds gauge");
     let _ = writeln!(out, "accel_uptime_seconds {}", st.inner.started.elapsed().as_secs_f64());

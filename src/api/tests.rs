@@ -376,6 +376,31 @@ async fn health_turns_500_when_shutting_down() {
 }
 
 #[tokio::test]
+async fn health_and_metrics_show_bus_sources() {
+    let a = api().await;
+    let config = Config::parse(YAML, "t", &|_| None).unwrap();
+    let statuses = crate::sources::SourceStatuses::default();
+    let app = router(AppState::new(&config, a.workers.clone()).with_sources(statuses.clone()));
+    statuses.reading("bus", 0);
+    let (s, body) = call_json(&app, get_req(HEALTH_PATH)).await;
+    assert_eq!((s, body["status"].as_str()), (StatusCode::OK, Some("ok")));
+    assert_eq!(body["sources"]["bus"]["state"], "reading");
+    statuses.restarting("bus", 3, "cannot read consumer acceld of stream IMAGES: timed out".into());
+    let (s, body) = call_json(&app, get_req(HEALTH_PATH)).await;
+    assert_eq!((s, body["status"].as_str()), (StatusCode::OK, Some("degraded")));
+    assert_eq!(body["sources"]["bus"]["state"], "restarting");
+    assert_eq!(body["sources"]["bus"]["failures"], 3);
+    assert!(body["sources"]["bus"]["error"].as_str().unwrap().contains("timed out"), "{body}");
+    assert!(body["message"].as_str().unwrap().contains("bus"), "{body}");
+    let res = app.clone().oneshot(get_req("/metrics")).await.unwrap();
+    let text = String::from_utf8(axum::body::to_bytes(res.into_body(), usize::MAX).await.unwrap().to_vec()).unwrap();
+    assert!(text.lines().any(|l| l == "accel_source_up{source=\"bus\"} 0"), "{text}");
+    // Without bus sources the answer is the plain one.
+    let (_, body) = call_json(&a.app, get_req(HEALTH_PATH)).await;
+    assert!(body.get("sources").is_none(), "{body}");
+}
+
+#[tokio::test]
 async fn unknown_paths_and_methods_answer_json() {
     let a = api().await;
     let (s, body) = call_json(&a.app, get_req("/api/v2/x")).await;

@@ -45,6 +45,8 @@ pub struct ImageDraft {
     pub config: serde_json::Value,
     /// Annotations of the target manifest (the source's plus the engine's own).
     pub annotations: BTreeMap<String, String>,
+    /// The source image's reference as given (`host/repo:tag`), for the driver's annotations.
+    pub source: String,
 }
 
 /// Blocking access to the content store for the image step, which runs on the blocking pool.

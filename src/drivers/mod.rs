@@ -7,6 +7,7 @@ pub mod compression;
 pub mod estargz;
 pub mod image;
 pub mod members;
+pub mod nydus;
 pub mod recompress;
 pub mod tar;
 pub mod zstd_chunked;
@@ -38,11 +39,19 @@ pub enum DriverKind {
     Gzip,
     /// The plain source tar.
     Uncompressed,
+    /// Nydus (RAFS v5/v6): data blobs plus a bootstrap layer.
+    Nydus,
 }
 
 impl DriverKind {
-    pub const ALL: [DriverKind; 5] =
-        [DriverKind::Estargz, DriverKind::ZstdChunked, DriverKind::Zstd, DriverKind::Gzip, DriverKind::Uncompressed];
+    pub const ALL: [DriverKind; 6] = [
+        DriverKind::Estargz,
+        DriverKind::ZstdChunked,
+        DriverKind::Zstd,
+        DriverKind::Gzip,
+        DriverKind::Uncompressed,
+        DriverKind::Nydus,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -51,6 +60,7 @@ impl DriverKind {
             DriverKind::Zstd => "zstd",
             DriverKind::Gzip => "gzip",
             DriverKind::Uncompressed => "uncompressed",
+            DriverKind::Nydus => "nydus",
         }
     }
 
@@ -62,6 +72,7 @@ impl DriverKind {
             DriverKind::Zstd => "-zstd",
             DriverKind::Gzip => "-gzip",
             DriverKind::Uncompressed => "-uncompressed",
+            DriverKind::Nydus => "-nydus",
         }
     }
 
@@ -85,6 +96,7 @@ impl DriverKind {
             DriverKind::Uncompressed => {
                 Ok(Arc::new(recompress::Recompress::uncompressed(parse_options(self, options)?)?))
             }
+            DriverKind::Nydus => Ok(Arc::new(nydus::Nydus::new(parse_options(self, options)?)?)),
         }
     }
 }
@@ -161,6 +173,25 @@ pub trait Driver: Send + Sync {
         let _ = (image, blobs);
         Ok(())
     }
+
+    /// How the engine publishes this driver's target. The default pushes it under its target
+    /// tag.
+    fn publication(&self) -> Publication {
+        Publication::Tag
+    }
+}
+
+/// How a converted image is published, besides being pushed under its target reference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Publication {
+    /// The target manifest (or index) alone.
+    Tag,
+    /// The target manifest (or index) carries `subject` = the source manifest (or index), so
+    /// the registry lists it among the source's referrers.
+    Referrer,
+    /// One index holding the source manifests and the target manifests; each target entry gets
+    /// this `artifactType` and this platform `os.features` entry.
+    MergedIndex { artifact_type: &'static str, os_feature: &'static str },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -174,6 +205,9 @@ pub enum DriverError {
     /// A valid tar stream holding something the target format cannot represent.
     #[error("source layer cannot be written as {driver} (tar entry at byte {offset}): {why}")]
     Unsupported { driver: DriverKind, offset: u64, why: String },
+    /// The format writer failed on a layer or image it was given (not an I/O failure).
+    #[error("could not write {driver}: {why}")]
+    Format { driver: DriverKind, why: String },
     #[error("source layer could not be decompressed: {0}")]
     Decompress(String),
     #[error("I/O error while converting a layer: {0}")]
@@ -197,11 +231,12 @@ mod tests {
             assert_eq!(serde_json::from_str::<DriverKind>(&json).unwrap(), k);
         }
         let unknown = "squashfs".parse::<DriverKind>().unwrap_err().to_string();
-        assert!(unknown.contains("estargz, zstdchunked, zstd, gzip, uncompressed"), "{unknown}");
+        assert!(unknown.contains("estargz, zstdchunked, zstd, gzip, uncompressed, nydus"), "{unknown}");
         assert_eq!(DriverKind::ZstdChunked.as_str(), "zstdchunked");
         assert_eq!(DriverKind::ZstdChunked.default_tag_suffix(), "-zstdchunked");
         assert_eq!(serde_json::from_str::<DriverKind>("\"zstdchunked\"").unwrap(), DriverKind::ZstdChunked);
         let suffixes: Vec<&str> = DriverKind::ALL.iter().map(|k| k.default_tag_suffix()).collect();
-        assert_eq!(suffixes, ["-esgz", "-zstdchunked", "-zstd", "-gzip", "-uncompressed"]);
+        assert_eq!(suffixes, ["-esgz", "-zstdchunked", "-zstd", "-gzip", "-uncompressed", "-nydus"]);
+        assert_eq!(serde_json::from_str::<DriverKind>("\"nydus\"").unwrap(), DriverKind::Nydus);
     }
 }

@@ -15,8 +15,8 @@ use super::naming::TargetNaming;
 use super::progress::{Progress, Stage};
 use super::blobs::StoreBlobs;
 use super::fanout::{self, FanoutError};
-use crate::drivers::{compression, ConvertedLayer, Driver, DriverError, DriverKind, ImageDraft};
-use crate::oci::{annotations, media_types, Descriptor, Digest, ImageIndex, ImageManifest, Platform, Reference, ReferenceError};
+use crate::drivers::{compression, ConvertedLayer, Driver, DriverError, DriverKind, ImageDraft, Publication};
+use crate::oci::{annotations, media_types, Descriptor, Digest, ImageIndex, ImageManifest, Platform, PlatformSpec, Reference, ReferenceError};
 use crate::registry::{RegistryClient, RegistryError};
 use crate::store::{Lease, Store, StoreError};
 
@@ -100,13 +100,46 @@ struct SourceImage {
     /// The index entry it came from (platform, annotations), for a multi-platform source.
     entry: Option<Descriptor>,
     manifest: ImageManifest,
+    /// The manifest as pulled, for a target that republishes it (a merged index).
+    manifest_bytes: Bytes,
     manifest_size: u64,
     config: serde_json::Value,
+}
+
+impl SourceImage {
+    /// The source manifest as an index entry: its platform is the index entry's, else the
+    /// config's.
+    fn descriptor(&self) -> Descriptor {
+        let media_type = self.manifest.media_type.clone().unwrap_or_else(|| media_types::OCI_MANIFEST.to_string());
+        let mut d = Descriptor::new(&media_type, self.digest.clone(), self.manifest_size);
+        d.platform = match &self.entry {
+            Some(e) => e.platform.clone(),
+            None => {
+                let field = |k: &str| self.config.get(k).and_then(|v| v.as_str()).map(str::to_string);
+                match (field("os"), field("architecture")) {
+                    (Some(os), Some(architecture)) => Some(PlatformSpec { architecture, os, variant: field("variant"), extra: Default::default() }),
+                    _ => None,
+                }
+            }
+        };
+        d
+    }
+
+    /// The source's config and layers.
+    fn blobs(&self) -> Vec<Descriptor> {
+        let mut blobs = vec![self.manifest.config.clone()];
+        blobs.extend(self.manifest.layers.iter().cloned());
+        blobs
+    }
 }
 
 /// A converted platform image, in the store, ready to push.
 struct TargetImage {
     entry: Option<Descriptor>,
+    /// The source manifest (as an index entry), its bytes and blobs.
+    source: Descriptor,
+    source_bytes: Bytes,
+    source_blobs: Vec<Descriptor>,
     manifest: Bytes,
     digest: Digest,
     blobs: Vec<Descriptor>,
@@ -175,17 +208,18 @@ impl Converter {
         self.progress.stage(Stage::Converting, source);
         let mut converted: Vec<Vec<TargetImage>> = drivers.iter().map(|_| Vec::new()).collect();
         for image in &images {
-            for (k, target) in self.convert_image(image, &drivers, lease).await?.into_iter().enumerate() {
+            for (k, target) in self.convert_image(source, image, &drivers, lease).await?.into_iter().enumerate() {
                 converted[k].push(target);
             }
         }
+        let top_desc = Descriptor::new(&top.media_type, top.digest.clone(), top.bytes.len() as u64);
         let pushes = req.conversions.iter().zip(&target_refs).zip(converted).map(|((conv, target_ref), images)| {
             let index = index.as_ref();
-            let top_digest = &top.digest;
+            let top_desc = &top_desc;
             async move {
                 self.progress.stage(Stage::Converted, target_ref);
                 self.progress.stage(Stage::Pushing, target_ref);
-                let result = self.push_target(source, top_digest, target_ref, conv, images, index, lease).await?;
+                let result = self.push_target(source, top_desc, target_ref, conv, images, index, lease).await?;
                 self.progress.stage(Stage::Pushed, &result.reference);
                 Ok::<_, ConvertError>(result)
             }
@@ -251,7 +285,7 @@ impl Converter {
                 ),
             });
         }
-        Ok(SourceImage { reference, digest, entry, manifest, manifest_size: bytes.len() as u64, config })
+        Ok(SourceImage { reference, digest, entry, manifest, manifest_size: bytes.len() as u64, manifest_bytes: bytes, config })
     }
 
     /// Makes a blob of the source present in the store; false when it already was.
@@ -306,7 +340,13 @@ impl Converter {
 
     /// Converts one platform image with every driver: each layer is decoded once for all of
     /// them. Returns one target image per driver, in driver order.
-    async fn convert_image(&self, image: &SourceImage, drivers: &[Arc<dyn Driver>], lease: &Lease) -> Result<Vec<TargetImage>, ConvertError> {
+    async fn convert_image(
+        &self,
+        source: &Reference,
+        image: &SourceImage,
+        drivers: &[Arc<dyn Driver>],
+        lease: &Lease,
+    ) -> Result<Vec<TargetImage>, ConvertError> {
         let layers = &image.manifest.layers;
         self.progress.add_steps(layers.len() as u64);
         let diff_ids: Vec<Option<Digest>> = (0..layers.len())
@@ -332,9 +372,9 @@ impl Converter {
             let mut annotations = image.manifest.annotations.clone();
             annotations.insert(annotations::SOURCE_DIGEST.into(), image.digest.to_string());
             annotations.insert(annotations::DRIVER.into(), format!("{}/{}", driver.kind(), driver.version()));
-            let draft = ImageDraft { layers: converted, config: image.config.clone(), annotations };
+            let draft = ImageDraft { layers: converted, config: image.config.clone(), annotations, source: source.to_string() };
             let draft = self.finish_image(image, driver.clone(), draft, lease).await?;
-            self.assemble(image, draft, lease).await
+            self.assemble(image, draft, driver.publication(), lease).await
         });
         futures::future::try_join_all(targets).await
     }
@@ -355,8 +395,8 @@ impl Converter {
     }
 
     /// Stores the config of a finished draft and builds its manifest.
-    async fn assemble(&self, image: &SourceImage, draft: ImageDraft, lease: &Lease) -> Result<TargetImage, ConvertError> {
-        let ImageDraft { layers, mut config, annotations } = draft;
+    async fn assemble(&self, image: &SourceImage, draft: ImageDraft, publication: Publication, lease: &Lease) -> Result<TargetImage, ConvertError> {
+        let ImageDraft { layers, mut config, annotations, source: _ } = draft;
         let new_ids: Vec<serde_json::Value> = layers.iter().map(|l| serde_json::Value::String(l.diff_id.to_string())).collect();
         config["rootfs"]["diff_ids"] = serde_json::Value::Array(new_ids);
         let config_bytes = serde_json::to_vec(&config).map_err(|e| ConvertError::BadImage { reference: image.reference.to_string(), why: e.to_string() })?;
@@ -368,12 +408,26 @@ impl Converter {
         manifest.config = config_desc.clone();
         manifest.layers = layers.into_iter().map(|l| l.descriptor).collect();
         manifest.annotations = annotations;
+        if publication == Publication::Referrer {
+            let mut subject = image.descriptor();
+            subject.platform = None;
+            manifest.subject = Some(subject);
+        }
         let bytes = Bytes::from(serde_json::to_vec(&manifest).expect("manifest serializes"));
         self.store.put_manifest(media_types::OCI_MANIFEST, &bytes, lease).await?;
         let mut blobs = manifest.layers.clone();
         blobs.push(config_desc);
         let size = bytes.len() as u64 + blobs.iter().map(|b| b.size).sum::<u64>();
-        Ok(TargetImage { entry: image.entry.clone(), digest: Digest::of(&bytes), manifest: bytes, blobs, size })
+        Ok(TargetImage {
+            entry: image.entry.clone(),
+            source: image.descriptor(),
+            source_bytes: image.manifest_bytes.clone(),
+            source_blobs: image.blobs(),
+            digest: Digest::of(&bytes),
+            manifest: bytes,
+            blobs,
+            size,
+        })
     }
 
     /// Converts one source layer with every driver at once, from one decoding of it, and
@@ -440,25 +494,21 @@ impl Converter {
     async fn push_target(
         &self,
         source: &Reference,
-        source_digest: &Digest,
+        source_top: &Descriptor,
         target: &Reference,
         conv: &Conversion,
         images: Vec<TargetImage>,
         index: Option<&ImageIndex>,
         lease: &Lease,
     ) -> Result<TargetResult, ConvertError> {
+        let source_digest = &source_top.digest;
         let mount_from = (source.registry() == target.registry() && source.repository() != target.repository()).then_some(source);
+        let publication = conv.driver.publication();
         for image in &images {
-            self.progress.add_steps(image.blobs.len() as u64);
-            futures::stream::iter(image.blobs.iter().cloned())
-                .map(|b| async move {
-                    self.push_blob(target, &b, mount_from).await?;
-                    self.progress.step_done(&format!("pushed blob {} ({})", b.digest, human(b.size)));
-                    Ok::<_, ConvertError>(())
-                })
-                .buffer_unordered(self.transfer_jobs)
-                .try_collect::<()>()
-                .await?;
+            self.push_blobs(target, &image.blobs, mount_from).await?;
+        }
+        if let Publication::MergedIndex { artifact_type, os_feature } = publication {
+            return self.push_merged_index(source_top, target, conv, images, index, mount_from, artifact_type, os_feature, lease).await;
         }
         let driver = &conv.driver;
         let Some(index) = index else {
@@ -495,7 +545,91 @@ impl Converter {
         }
         new_index.annotations.insert(annotations::SOURCE_DIGEST.into(), source_digest.to_string());
         new_index.annotations.insert(annotations::DRIVER.into(), format!("{}/{}", driver.kind(), driver.version()));
+        if publication == Publication::Referrer {
+            new_index.subject = Some(source_top.clone());
+        }
         let bytes = Bytes::from(serde_json::to_vec(&new_index).expect("index serializes"));
+        size += bytes.len() as u64;
+        self.store.put_manifest(media_types::OCI_INDEX, &bytes, lease).await?;
+        let top_size = bytes.len() as u64;
+        let digest = self.put_manifest(target, media_types::OCI_INDEX, bytes).await?;
+        self.store.register_image(target, &Descriptor::new(media_types::OCI_INDEX, digest.clone(), top_size)).await?;
+        Ok(TargetResult { driver: driver.kind(), reference: target.clone(), digest, media_type: media_types::OCI_INDEX.into(), size, platforms })
+    }
+
+    async fn push_blobs(&self, target: &Reference, blobs: &[Descriptor], mount_from: Option<&Reference>) -> Result<(), ConvertError> {
+        self.progress.add_steps(blobs.len() as u64);
+        futures::stream::iter(blobs.iter().cloned())
+            .map(|b| async move {
+                self.push_blob(target, &b, mount_from).await?;
+                self.progress.step_done(&format!("pushed blob {} ({})", b.digest, human(b.size)));
+                Ok::<_, ConvertError>(())
+            })
+            .buffer_unordered(self.transfer_jobs)
+            .try_collect::<()>()
+            .await
+    }
+
+    /// Publishes one index holding, per platform, the source manifest and the target manifest
+    /// (marked with `artifact_type` and the `os_feature` platform feature), so one tag serves
+    /// runtimes that read the target format and those that do not. The source manifests and
+    /// blobs are copied into the target repository when it is another one.
+    #[allow(clippy::too_many_arguments)]
+    async fn push_merged_index(
+        &self,
+        source_top: &Descriptor,
+        target: &Reference,
+        conv: &Conversion,
+        images: Vec<TargetImage>,
+        index: Option<&ImageIndex>,
+        mount_from: Option<&Reference>,
+        artifact_type: &str,
+        os_feature: &str,
+        lease: &Lease,
+    ) -> Result<TargetResult, ConvertError> {
+        let driver = &conv.driver;
+        let mut merged: ImageIndex = match index {
+            Some(index) => {
+                let mut i = index.clone();
+                i.manifests.clear();
+                i
+            }
+            None => serde_json::from_value(serde_json::json!({"schemaVersion": 2, "manifests": []})).expect("empty index parses"),
+        };
+        merged.media_type = Some(media_types::OCI_INDEX.to_string());
+        let mut size = 0;
+        let mut platforms = Vec::new();
+        for image in images {
+            self.push_blobs(target, &image.source_blobs, mount_from).await?;
+            let source_ref = target.repository_only().with_digest(image.source.digest.clone());
+            // The index names it, so the store keeps it with the index.
+            self.store.put_manifest(&image.source.media_type, &image.source_bytes, lease).await?;
+            self.put_manifest(&source_ref, &image.source.media_type, image.source_bytes.clone()).await?;
+            let child = target.repository_only().with_digest(image.digest.clone());
+            self.put_manifest(&child, media_types::OCI_MANIFEST, image.manifest.clone()).await?;
+            let mut entry = Descriptor::new(media_types::OCI_MANIFEST, image.digest.clone(), image.manifest.len() as u64);
+            entry.artifact_type = Some(artifact_type.to_string());
+            let mut platform = image.source.platform.clone().unwrap_or_else(|| PlatformSpec {
+                architecture: String::new(),
+                os: String::new(),
+                variant: None,
+                extra: Default::default(),
+            });
+            if !platform.os.is_empty() {
+                platforms.push(platform.platform());
+            }
+            let features = platform.extra.entry("os.features").or_insert_with(|| serde_json::json!([]));
+            if let Some(list) = features.as_array_mut() {
+                list.push(serde_json::Value::String(os_feature.to_string()));
+            }
+            entry.platform = Some(platform);
+            size += image.size;
+            merged.manifests.push(image.source);
+            merged.manifests.push(entry);
+        }
+        merged.annotations.insert(annotations::SOURCE_DIGEST.into(), source_top.digest.to_string());
+        merged.annotations.insert(annotations::DRIVER.into(), format!("{}/{}", driver.kind(), driver.version()));
+        let bytes = Bytes::from(serde_json::to_vec(&merged).expect("index serializes"));
         size += bytes.len() as u64;
         self.store.put_manifest(media_types::OCI_INDEX, &bytes, lease).await?;
         let top_size = bytes.len() as u64;

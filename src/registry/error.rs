@@ -105,36 +105,36 @@ pub enum RegistryError {
     #[error("cannot set up the HTTP client: {0}")]
     Client(#[source] reqwest::Error),
 
-    #[error("{op}: cannot connect to {url}: {}; check that the registry is running and reachable", chain(source))]
+    #[error("{op}: cannot connect to {url}: {}; check that the registry is running and reachable", chain(cause))]
     Connect {
         op: String,
         url: String,
-        #[source]
-        source: reqwest::Error,
+        /// Named in the message; not a `source()`, so reports do not repeat it.
+        cause: reqwest::Error,
     },
 
     #[error(
         "{op}: TLS with {url} failed: {}; if the registry serves plain HTTP or a certificate from a \
          private CA, add that CA to the system trust store or set `insecure: true` under registries.\"{host}\"",
-        chain(source)
+        chain(cause)
     )]
     Tls {
         op: String,
         url: String,
         host: String,
-        #[source]
-        source: reqwest::Error,
+        /// Named in the message; not a `source()`, so reports do not repeat it.
+        cause: reqwest::Error,
     },
 
     #[error("{op}: {url} sent nothing for {after:?}; the registry or the network is stalled")]
     Timeout { op: String, url: String, after: Duration },
 
-    #[error("{op}: the connection to {url} failed: {}", chain(source))]
+    #[error("{op}: the connection to {url} failed: {}", chain(cause))]
     Transport {
         op: String,
         url: String,
-        #[source]
-        source: reqwest::Error,
+        /// Named in the message; not a `source()`, so reports do not repeat it.
+        cause: reqwest::Error,
     },
 
     #[error("{op}: {url} answered {status}{errors}{}", status_hint(*status))]

@@ -89,16 +89,16 @@ pub fn transport_error(op: &str, url: &Url, host: &str, e: reqwest::Error) -> Re
     if e.is_connect() && has_io_kind(&e, io::ErrorKind::InvalidData) {
         // tokio-rustls reports certificate and handshake failures as InvalidData; retrying will
         // not fix a certificate.
-        return RegistryError::Tls { op, url: url_text, host: host.to_string(), source: e };
+        return RegistryError::Tls { op, url: url_text, host: host.to_string(), cause: e };
     }
     // Connect timeouts land here too: they are connection failures, worth retrying.
     if e.is_connect() {
-        return RegistryError::Connect { op, url: url_text, source: e };
+        return RegistryError::Connect { op, url: url_text, cause: e };
     }
     if e.is_builder() || e.is_redirect() {
         return RegistryError::InvalidRequest { op, why: format!("request to {url_text} failed: {e}") };
     }
-    RegistryError::Transport { op, url: url_text, source: e }
+    RegistryError::Transport { op, url: url_text, cause: e }
 }
 
 fn has_io_kind(e: &(dyn std::error::Error + 'static), kind: io::ErrorKind) -> bool {

@@ -23,6 +23,7 @@ pub mod kafka;
 pub mod message;
 pub mod nats;
 pub mod poll;
+pub mod status;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +38,7 @@ use crate::pipeline::worker::SubmitError;
 use crate::pipeline::Workers;
 
 pub use message::{parse_message, read_message, MessageError, MessageKind, Parsed};
+pub use status::{SourceState, SourceStatus, SourceStatuses};
 
 /// One message as a bus delivered it.
 #[derive(Debug, Clone, Copy)]
@@ -290,7 +292,11 @@ pub async fn build(name: &str, config: &SourceConfig, ctx: &SourceContext) -> Re
 /// Bus sources running in the background.
 pub struct Running {
     loops: Vec<(String, JoinHandle<()>)>,
+    statuses: SourceStatuses,
 }
+
+/// How long a run must last after a failure before the source counts as reading again.
+const RUN_SETTLED: Duration = Duration::from_secs(5);
 
 /// Longest pause before a failed source runs again.
 const RESTART_MAX: Duration = Duration::from_secs(30);
@@ -309,27 +315,51 @@ pub async fn start_all(config: &Config, ctx: &SourceContext) -> Result<Running, 
         }
     }
     let mut loops = Vec::new();
+    let statuses = SourceStatuses::default();
     for (source, inbox) in built {
         let shutdown = ctx.shutdown.clone();
         let name = source.name().to_string();
-        loops.push((name, tokio::spawn(supervise(source, inbox, shutdown))));
+        loops.push((name, tokio::spawn(supervise(source, inbox, statuses.clone(), shutdown))));
     }
-    Ok(Running { loops })
+    Ok(Running { loops, statuses })
 }
 
-async fn supervise(source: Arc<dyn Source>, inbox: Inbox, shutdown: CancellationToken) {
+async fn supervise(source: Arc<dyn Source>, inbox: Inbox, statuses: SourceStatuses, shutdown: CancellationToken) {
     let mut failures = 0u32;
     loop {
         let started = std::time::Instant::now();
-        match source.run(&inbox, &shutdown).await {
+        let run = source.run(&inbox, &shutdown);
+        tokio::pin!(run);
+        // After a failure the source counts as reading again once a run has lasted a while,
+        // not as soon as it is started: a run that fails at once keeps it `restarting`.
+        let result = if failures == 0 {
+            statuses.reading(source.name(), 0);
+            run.await
+        } else {
+            tokio::select! {
+                r = &mut run => r,
+                _ = tokio::time::sleep(RUN_SETTLED) => {
+                    statuses.reading(source.name(), failures);
+                    run.await
+                }
+            }
+        };
+        let why = match result {
             Ok(()) if shutdown.is_cancelled() => return,
-            Ok(()) => tracing::warn!(source = %source.name(), "the source stopped reading; starting it again"),
-            Err(e) => tracing::error!(source = %source.name(), "{e}; starting it again"),
-        }
+            Ok(()) => {
+                tracing::warn!(source = %source.name(), "the source stopped reading; starting it again");
+                "the source stopped reading".to_string()
+            }
+            Err(e) => {
+                tracing::error!(source = %source.name(), "{e}; starting it again");
+                e.to_string()
+            }
+        };
         if started.elapsed() > RESTART_MAX * 2 {
             failures = 0;
         }
         failures += 1;
+        statuses.restarting(source.name(), failures, why);
         let wait = Duration::from_millis(500).saturating_mul(1u32.checked_shl(failures - 1).unwrap_or(u32::MAX)).min(RESTART_MAX);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
@@ -341,7 +371,12 @@ async fn supervise(source: Arc<dyn Source>, inbox: Inbox, shutdown: Cancellation
 impl Running {
     /// No sources.
     pub fn none() -> Running {
-        Running { loops: Vec::new() }
+        Running { loops: Vec::new(), statuses: SourceStatuses::default() }
+    }
+
+    /// What each source is doing, kept current while they run.
+    pub fn statuses(&self) -> SourceStatuses {
+        self.statuses.clone()
     }
 
     /// Names of the running sources.

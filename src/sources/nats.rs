@@ -169,6 +169,16 @@ impl JetStreamSource {
                         config.consumer, config.stream
                     )));
                 }
+                let info = &c.cached_info().config;
+                let wanted = Duration::from_secs(config.ack_wait_secs);
+                if info.ack_wait != wanted || info.max_deliver != config.max_deliver {
+                    // acceld does not change a consumer others may share; it paces its
+                    // keep-alives by the deadline the server applies.
+                    tracing::warn!(source = %name,
+                        "durable consumer {} of stream {} has ack_wait {:?} and max_deliver {}, not the configured {wanted:?} and {}; \
+                         using the consumer's own settings (change them with `nats consumer edit`)",
+                        config.consumer, config.stream, info.ack_wait, info.max_deliver, config.max_deliver);
+                }
                 c
             }
             Err(e) if e.to_string().to_lowercase().contains("not found") && config.create => {
@@ -191,8 +201,11 @@ impl JetStreamSource {
             }
             Err(e) => return Err(setup(format!("cannot look up consumer {} of stream {}: {e}", config.consumer, config.stream))),
         };
-        // Keep-alives well inside the deadline, so a long conversion keeps its message.
-        let keepalive = Duration::from_secs(config.ack_wait_secs).mul_f64(0.4);
+        // Keep-alives well inside the deadline the server applies, so a long conversion keeps
+        // its message.
+        let ack_wait = consumer.cached_info().config.ack_wait;
+        let ack_wait = if ack_wait.is_zero() { Duration::from_secs(30) } else { ack_wait };
+        let keepalive = ack_wait.mul_f64(0.4);
         let inbox = Inbox::new(name, ctx.workers.clone(), dead_letter(&client, config.dead_letter_subject.as_ref()), ctx.shutdown.clone())
             .ack_when(config.ack, keepalive);
         Ok((Arc::new(JetStreamSource { name: name.into(), consumer, config: config.clone() }), inbox))
