@@ -233,7 +233,8 @@ async fn run(args: Args) -> Result<()> {
             let mut pending = futures::stream::FuturesUnordered::new();
             for r in refs {
                 let body = json!({ "reference": r }).to_string();
-                pending.push(args_bus.publish(subject.clone(), body).await?);
+                let acked = args_bus.publish(subject.clone(), body).await?;
+                pending.push(acked);
                 times.push((r, Instant::now()));
                 while pending.len() >= in_flight {
                     pending.next().await.expect("not empty")?;
