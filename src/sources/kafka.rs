@@ -51,8 +51,12 @@ impl DeadLetter for KafkaDeadLetter {
 
     async fn publish(&self, letter: &Letter<'_>) -> Result<(), String> {
         let mut h = vec![(headers::ERROR, letter.reason), (headers::SOURCE, letter.source), (headers::LOCATION, letter.location)];
+        let size = letter.truncated_from.map(|n| n.to_string());
         if let Some(ct) = letter.content_type {
             h.push(("Content-Type", ct));
+        }
+        if let Some(n) = &size {
+            h.push((headers::TRUNCATED, n));
         }
         self.publisher.publish(None, &h, letter.body).await
     }

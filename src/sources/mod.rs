@@ -5,7 +5,8 @@
 //! do with the message:
 //! - [`Disposition::Ack`]: the tasks are on disk (or there was nothing to convert, or the
 //!   message was malformed and has been logged, counted and dead-lettered). Acknowledge or
-//!   commit it now, and not before.
+//!   commit it now, and not before. A dead letter that cannot be published is tried again
+//!   (with backoff) until it is, so a malformed message is never acknowledged unrecorded.
 //! - [`Disposition::Stop`]: acceld is stopping. Do not acknowledge; the bus delivers the
 //!   message again, to this instance after its restart or to another one.
 //!
@@ -71,6 +72,8 @@ pub struct Letter<'a> {
     pub location: &'a str,
     /// Why it is no usable event.
     pub reason: &'a str,
+    /// The message's size when `body` holds only its first [`DEAD_LETTER_MAX_BODY`] bytes.
+    pub truncated_from: Option<usize>,
 }
 
 /// Header names a dead letter carries, on buses with headers.
@@ -81,6 +84,8 @@ pub mod headers {
     pub const SOURCE: &str = "Accel-Source";
     /// Where it was read.
     pub const LOCATION: &str = "Accel-Location";
+    /// The message's size in bytes, when the letter carries only its beginning.
+    pub const TRUNCATED: &str = "Accel-Truncated";
 }
 
 /// Where malformed messages are published (a NATS subject, a Kafka topic).
@@ -91,8 +96,9 @@ pub trait DeadLetter: Send + Sync + 'static {
     async fn publish(&self, letter: &Letter<'_>) -> Result<(), String>;
 }
 
-/// Tries at publishing one dead letter before the message is acknowledged anyway.
-const DEAD_LETTER_TRIES: u32 = 3;
+/// A dead letter carries at most this much of the message body (the whole message stays where
+/// `Accel-Location` says), so that it fits the default message size limit of NATS and Kafka.
+pub const DEAD_LETTER_MAX_BODY: usize = 512 * 1024;
 
 /// Hands a source's messages to the workers. Cheap to clone.
 #[derive(Clone)]
@@ -160,10 +166,7 @@ impl Inbox {
         let metrics = self.workers.metrics();
         let parsed = match read_message(msg.body, msg.content_type, &self.source) {
             Ok(p) => p,
-            Err(e) => {
-                self.malformed(msg, &e).await;
-                return Disposition::Ack;
-            }
+            Err(e) => return self.malformed(msg, &e, &keepalive).await,
         };
         for why in &parsed.ignored {
             tracing::debug!(source = %self.source, at = %msg.location, "ignored: {why}");
@@ -217,31 +220,47 @@ impl Inbox {
         }
     }
 
-    /// Logs, counts and dead-letters a message that is no usable event.
-    async fn malformed(&self, msg: &Message<'_>, e: &MessageError) {
+    /// Logs, counts and dead-letters a message that is no usable event. Publishing the letter
+    /// is tried again, with backoff, until it works or acceld stops (then the message stays
+    /// unacknowledged and is read again).
+    async fn malformed<F, Fut>(&self, msg: &Message<'_>, e: &MessageError, keepalive: &F) -> Disposition
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
         let metrics = self.workers.metrics();
         metrics.source_message(&self.source, "malformed");
         let reason = e.to_string();
         let Some(dl) = &self.dead_letter else {
             tracing::warn!(source = %self.source, at = %msg.location, "dropping a malformed message: {reason}");
-            return;
+            return Disposition::Ack;
         };
-        let letter = Letter { source: &self.source, body: msg.body, content_type: msg.content_type, location: msg.location, reason: &reason };
-        for attempt in 1..=DEAD_LETTER_TRIES {
+        let (body, truncated_from) = match msg.body.len() {
+            n if n > DEAD_LETTER_MAX_BODY => (&msg.body[..DEAD_LETTER_MAX_BODY], Some(n)),
+            _ => (msg.body, None),
+        };
+        let letter = Letter { source: &self.source, body, content_type: msg.content_type, location: msg.location, reason: &reason, truncated_from };
+        let mut failures = 0u32;
+        loop {
             match dl.publish(&letter).await {
                 Ok(()) => {
                     metrics.source_message(&self.source, "dead_lettered");
                     tracing::warn!(source = %self.source, at = %msg.location, "malformed message sent to {}: {reason}", dl.target());
-                    return;
-                }
-                Err(why) if attempt < DEAD_LETTER_TRIES => {
-                    tracing::debug!(source = %self.source, "dead letter to {} failed (try {attempt}): {why}", dl.target());
-                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                    return Disposition::Ack;
                 }
                 Err(why) => {
+                    failures += 1;
                     metrics.source_message(&self.source, "dead_letter_failed");
-                    tracing::error!(source = %self.source, at = %msg.location,
-                        "dropping a malformed message ({reason}); it could not be sent to {}: {why}", dl.target());
+                    let wait = self.backoff_first.saturating_mul(1u32.checked_shl(failures - 1).unwrap_or(u32::MAX)).min(self.backoff_max);
+                    if failures == 1 || failures % 20 == 0 {
+                        tracing::warn!(source = %self.source, at = %msg.location,
+                            "cannot send a malformed message to {} (try {failures}), holding it and trying again in {wait:?}: {why}", dl.target());
+                    }
+                    keepalive().await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.shutdown.cancelled() => return Disposition::Stop,
+                    }
                 }
             }
         }
@@ -436,7 +455,73 @@ mod tests {
         }
     }
 
-    async fn inbox(queue_size: usize, letters: Option<Arc<Letters>>) -> (Inbox, CancellationToken, tempfile::TempDir) {
+    /// Refuses the first `fail` letters (all of them with `u32::MAX`), then keeps them.
+    struct Flaky {
+        fail: std::sync::atomic::AtomicU32,
+        tries: std::sync::atomic::AtomicU32,
+        kept: Mutex<Vec<(usize, Option<usize>)>>,
+    }
+
+    impl Flaky {
+        fn new(fail: u32) -> Arc<Flaky> {
+            Arc::new(Flaky { fail: fail.into(), tries: 0.into(), kept: Mutex::default() })
+        }
+    }
+
+    #[async_trait]
+    impl DeadLetter for Flaky {
+        fn target(&self) -> String {
+            "flaky letters".into()
+        }
+        async fn publish(&self, l: &Letter<'_>) -> Result<(), String> {
+            use std::sync::atomic::Ordering;
+            self.tries.fetch_add(1, Ordering::SeqCst);
+            let left = self.fail.load(Ordering::SeqCst);
+            if left > 0 {
+                if left != u32::MAX {
+                    self.fail.store(left - 1, Ordering::SeqCst);
+                }
+                return Err("broker said no".into());
+            }
+            self.kept.lock().unwrap().push((l.body.len(), l.truncated_from));
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_that_fails_is_tried_again_and_the_message_held_until_it_is_kept() {
+        let flaky = Flaky::new(4);
+        let (inbox, _stop, _dir) = inbox(8, Some(flaky.clone() as Arc<dyn DeadLetter>)).await;
+        assert_eq!(inbox.handle(&msg("{oops")).await, Disposition::Ack);
+        assert_eq!(flaky.tries.load(std::sync::atomic::Ordering::SeqCst), 5);
+        assert_eq!(*flaky.kept.lock().unwrap(), vec![(5, None)]);
+        let m = inbox.workers().metrics();
+        assert_eq!((m.source_messages("bus", "dead_letter_failed"), m.source_messages("bus", "dead_lettered")), (4, 1));
+
+        // A letter that never goes out holds the message until acceld stops; it is then left
+        // unacknowledged, to be read again.
+        let never = Flaky::new(u32::MAX);
+        let (inbox, stop, _dir) = self::inbox(8, Some(never.clone() as Arc<dyn DeadLetter>)).await;
+        let held = tokio::spawn(async move { inbox.handle(&msg("{oops")).await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!held.is_finished(), "acknowledged although the dead letter was not kept");
+        assert!(never.tries.load(std::sync::atomic::Ordering::SeqCst) > 2);
+        stop.cancel();
+        assert_eq!(held.await.unwrap(), Disposition::Stop);
+    }
+
+    #[tokio::test]
+    async fn a_large_malformed_message_is_dead_lettered_with_its_beginning_and_size() {
+        let kept = Flaky::new(0);
+        let (inbox, _stop, _dir) = inbox(8, Some(kept.clone() as Arc<dyn DeadLetter>)).await;
+        let big = "x".repeat(DEAD_LETTER_MAX_BODY + 10);
+        assert_eq!(inbox.handle(&msg(&big)).await, Disposition::Ack);
+        let small = "y".repeat(DEAD_LETTER_MAX_BODY);
+        assert_eq!(inbox.handle(&msg(&small)).await, Disposition::Ack);
+        assert_eq!(*kept.kept.lock().unwrap(), vec![(DEAD_LETTER_MAX_BODY, Some(DEAD_LETTER_MAX_BODY + 10)), (DEAD_LETTER_MAX_BODY, None)]);
+    }
+
+    async fn inbox(queue_size: usize, letters: Option<Arc<dyn DeadLetter>>) -> (Inbox, CancellationToken, tempfile::TempDir) {
         let config = Config::parse("pipelines: [{ name: p, convert: [{ driver: estargz }] }]", "t", &|_| None).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let store = TaskStore::open(&dir.path().join("t.redb")).unwrap();
@@ -446,8 +531,7 @@ mod tests {
         let shutdown = CancellationToken::new();
         let router = Router::new(&config, Plan::all(&config).unwrap());
         let workers = Workers::start(store, Arc::new(Stuck), router, options, Arc::new(TaskMetrics::default()), None, shutdown.clone()).await.unwrap();
-        let dl = letters.map(|l| l as Arc<dyn DeadLetter>);
-        let inbox = Inbox::new("bus", workers, dl, shutdown.clone()).with_backoff(Duration::from_millis(5), Duration::from_millis(20));
+        let inbox = Inbox::new("bus", workers, letters, shutdown.clone()).with_backoff(Duration::from_millis(5), Duration::from_millis(20));
         (inbox, shutdown, dir)
     }
 
@@ -471,7 +555,7 @@ mod tests {
     #[tokio::test]
     async fn malformed_messages_are_dead_lettered_counted_and_acked() {
         let letters = Arc::new(Letters::default());
-        let (inbox, _stop, _dir) = inbox(8, Some(letters.clone())).await;
+        let (inbox, _stop, _dir) = inbox(8, Some(letters.clone() as Arc<dyn DeadLetter>)).await;
         for body in ["{oops", r#"{"reference":"nginx"}"#, r#"{"x":1}"#] {
             assert_eq!(inbox.handle(&msg(body)).await, Disposition::Ack);
         }

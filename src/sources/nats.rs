@@ -45,6 +45,9 @@ impl DeadLetter for NatsDeadLetter {
         if let Some(ct) = letter.content_type {
             h.insert("Content-Type", header_value(ct).as_str());
         }
+        if let Some(n) = letter.truncated_from {
+            h.insert(headers::TRUNCATED, n.to_string().as_str());
+        }
         self.publisher.publish(h, Bytes::copy_from_slice(letter.body)).await
     }
 }
