@@ -13,8 +13,22 @@ const DOCKER_HUB: &str = "docker.io";
 pub enum ReferenceError {
     #[error("image reference is empty")]
     Empty,
-    #[error("image reference {reference:?}: {why}")]
+    #[error("image reference {}: {why}", shown(.reference))]
     Invalid { reference: String, why: String },
+}
+
+/// A reference quoted for an error message: long ones (a message may carry megabytes) are
+/// cut to their beginning and size.
+fn shown(reference: &str) -> String {
+    const KEEP: usize = 128;
+    if reference.len() <= 2 * KEEP {
+        return format!("{reference:?}");
+    }
+    let mut end = KEEP;
+    while !reference.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}… ({} bytes)", &reference[..end], reference.len())
 }
 
 /// A parsed image reference. The registry host is always explicit after parsing
@@ -217,6 +231,16 @@ impl<'de> Deserialize<'de> for Reference {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_invalid_reference_is_shown_by_its_beginning_and_size() {
+        let long = format!("h.io/{}:1", "a".repeat(5000));
+        let e = long.parse::<Reference>().unwrap_err().to_string();
+        assert!(e.contains("longer than 255 characters"), "{e}");
+        assert!(e.contains("(5007 bytes)") && e.len() < 300, "{e}");
+        let short = "h.io/UPPER:1".parse::<Reference>().unwrap_err().to_string();
+        assert!(short.contains("\"h.io/UPPER:1\""), "{short}");
+    }
 
     const D: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
