@@ -49,6 +49,18 @@ pub fn client_config(c: &KafkaConnection) -> ClientConfig {
     cfg
 }
 
+/// Checks that the TLS files of `c` can be read, so that a wrong path is named as such
+/// (librdkafka reports only a certificate library error).
+pub fn check_tls_files(c: &KafkaConnection) -> Result<(), String> {
+    let Some(t) = &c.tls else { return Ok(()) };
+    for (key, path) in [("ca_file", &t.ca_file), ("cert_file", &t.cert_file), ("key_file", &t.key_file)] {
+        if let Some(p) = path {
+            std::fs::File::open(p).map_err(|e| format!("tls.{key} {}: {e}", p.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// The brokers, for messages.
 pub fn describe_brokers(c: &KafkaConnection) -> String {
     c.brokers.join(",")
@@ -59,6 +71,7 @@ pub fn describe_brokers(c: &KafkaConnection) -> String {
 /// threads.
 pub fn check_topics(c: &KafkaConnection, topics: &[String], timeout: Duration) -> Result<(), String> {
     let brokers = describe_brokers(c);
+    check_tls_files(c)?;
     let client: BaseConsumer = client_config(c).create().map_err(|e| format!("cannot set up a Kafka client for {brokers}: {e}"))?;
     for topic in topics {
         let md = client.fetch_metadata(Some(topic), timeout).map_err(|e| format!("cannot reach the Kafka brokers {brokers} within {timeout:?}: {e}"))?;
@@ -87,6 +100,7 @@ impl Publisher {
     /// A producer on `c` for `topic`: every record acknowledged by all in-sync replicas,
     /// idempotent (retries do not duplicate records).
     pub fn new(c: &KafkaConnection, topic: &str, timeout: Duration) -> Result<Publisher, String> {
+        check_tls_files(c)?;
         let mut cfg = client_config(c);
         cfg.set("acks", "all");
         cfg.set("enable.idempotence", "true");
@@ -153,6 +167,10 @@ mod tests {
         assert_eq!(cfg.get("security.protocol"), Some("sasl_ssl"));
         assert_eq!((cfg.get("sasl.username"), cfg.get("sasl.password")), (Some("u"), Some("p")));
         assert_eq!(cfg.get("ssl.ca.location"), Some("/ca.pem"));
+        let missing = check_tls_files(&c).unwrap_err();
+        assert!(missing.starts_with("tls.ca_file /ca.pem: "), "{missing}");
+        c.tls = None;
+        assert_eq!(check_tls_files(&c), Ok(()));
         assert_eq!(header_value("a\nb"), "a b");
     }
 }

@@ -225,7 +225,9 @@ impl KafkaConnection {
         }
         for (k, v) in &self.client_options {
             let key = k.trim();
-            if OWNED_OPTIONS.contains(&key) {
+            if key == "transactional.id" || key == "transaction.timeout.ms" {
+                problem(format!("{at}.client_options.{k}"), format!("{k:?}: acceld's producers are idempotent, not transactional"));
+            } else if OWNED_OPTIONS.contains(&key) {
                 problem(format!("{at}.client_options.{k}"), format!("{k:?} is set by acceld from the other settings; it cannot be overridden"));
             } else if key.starts_with("sasl.") || (key.starts_with("ssl.") && key != "ssl.endpoint.identification.algorithm") {
                 problem(format!("{at}.client_options.{k}"), format!("{k:?}: set TLS and SASL through the tls and sasl sections"));
@@ -293,6 +295,8 @@ impl KafkaSourceConfig {
         for (i, t) in self.topics.iter().enumerate() {
             if let Err(why) = check_topic(t) {
                 problem(format!("{at}.topics[{i}]"), why);
+            } else if self.topic.as_ref() == Some(t) || self.topics[..i].contains(t) {
+                problem(format!("{at}.topics[{i}]"), format!("{t:?} is named twice (topic and topics together name each topic once)"));
             }
         }
         if self.group.is_empty() || self.group.chars().any(char::is_whitespace) {
@@ -373,6 +377,18 @@ pipelines: [{ name: p, sources: [k], sinks: [r], convert: [{ driver: estargz }] 
         let c = Config::parse("sinks: { s: { kind: kafka, brokers: \"h:1\", topic: t } }", "t", &|_| None).unwrap();
         let SinkConfig::Kafka(s) = &c.sinks["s"] else { panic!() };
         assert_eq!((s.key, s.timeout_secs), (KafkaKey::Subject, 10));
+    }
+
+    #[test]
+    fn a_topic_named_twice_and_transactional_producers_are_refused() {
+        for (yaml, path) in [
+            ("sources: { k: { kind: kafka, brokers: \"h:1\", topic: a, topics: [a], group: g } }", "sources.k.topics[0]"),
+            ("sources: { k: { kind: kafka, brokers: \"h:1\", topics: [a, b, a], group: g } }", "sources.k.topics[2]"),
+            ("sinks: { s: { kind: kafka, brokers: \"h:1\", topic: t, client_options: { transactional.id: x } } }", "sinks.s.client_options.transactional.id"),
+        ] {
+            let e = Config::parse(yaml, "t", &|_| None).unwrap_err();
+            assert!(e.problems().iter().any(|p| p.path == path), "{yaml}: {e}");
+        }
     }
 
     #[test]
