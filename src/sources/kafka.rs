@@ -21,7 +21,7 @@ use async_trait::async_trait;
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::error::KafkaResult;
+use rdkafka::error::{KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::Semaphore;
@@ -29,12 +29,14 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use self::offsets::{Offsets, Partition};
-use super::{headers, DeadLetter, Disposition, Inbox, Letter, Message, Source, SourceContext, SourceError};
+use super::{headers, DeadLetter, Disposition, Inbox, Letter, Message, Source, SourceContext, SourceError, SourceStatuses};
 use crate::bus::kafka::{check_topics, client_config, describe_brokers, Publisher};
 use crate::config::KafkaSourceConfig;
 
 /// How long start-up checks (metadata of the topics) may take.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a source whose brokers do not answer asks them again.
+const PROBE_EVERY: Duration = Duration::from_secs(3);
 /// Read errors in a row after which the consumer is set up again.
 const MAX_READ_ERRORS: u32 = 10;
 
@@ -62,15 +64,22 @@ impl DeadLetter for KafkaDeadLetter {
     }
 }
 
-/// Consumer callbacks: rebalances update the offset tracking; librdkafka's log goes to ours.
+/// Consumer callbacks: rebalances update the offset tracking; librdkafka's log goes to ours;
+/// losing every broker shows in the source's status (and its repeated errors go to debug).
 struct GroupContext {
     source: String,
     offsets: Arc<Mutex<Offsets>>,
+    statuses: SourceStatuses,
 }
 
 impl ClientContext for GroupContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, line: &str) {
         match level {
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error
+                if self.statuses.is_disconnected(&self.source) =>
+            {
+                tracing::debug!(source = %self.source, "kafka: {fac} {line}")
+            }
             RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
                 tracing::error!(source = %self.source, "kafka: {fac} {line}")
             }
@@ -80,7 +89,16 @@ impl ClientContext for GroupContext {
     }
 
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        tracing::warn!(source = %self.source, "kafka: {error}: {reason}");
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            if !self.statuses.is_disconnected(&self.source) {
+                tracing::warn!(source = %self.source, "no Kafka broker answers ({reason}); still trying");
+            }
+            self.statuses.disconnected(&self.source, format!("no Kafka broker answers: {reason}"));
+        } else if self.statuses.is_disconnected(&self.source) {
+            tracing::debug!(source = %self.source, "kafka: {error}: {reason}");
+        } else {
+            tracing::warn!(source = %self.source, "kafka: {error}: {reason}");
+        }
     }
 }
 
@@ -177,7 +195,7 @@ impl KafkaSource {
         Ok((Arc::new(KafkaSource { name: name.into(), config: config.clone(), topics }), inbox))
     }
 
-    fn consumer(&self, offsets: Arc<Mutex<Offsets>>) -> Result<Arc<GroupConsumer>, String> {
+    fn consumer(&self, offsets: Arc<Mutex<Offsets>>, statuses: SourceStatuses) -> Result<Arc<GroupConsumer>, String> {
         let c = &self.config;
         let mut cfg = client_config(&c.connection());
         cfg.set("group.id", &c.group);
@@ -194,7 +212,7 @@ impl KafkaSource {
         if cfg.get("auto.offset.reset").is_none() {
             cfg.set("auto.offset.reset", "earliest");
         }
-        let ctx = GroupContext { source: self.name.clone(), offsets };
+        let ctx = GroupContext { source: self.name.clone(), offsets, statuses };
         let consumer: GroupConsumer =
             cfg.create_with_context(ctx).map_err(|e| format!("cannot set up a Kafka consumer for {}: {e}", describe_brokers(&c.connection())))?;
         let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
@@ -289,7 +307,7 @@ impl KafkaSource {
     async fn run_consumer(&self, inbox: &Inbox, shutdown: &CancellationToken) -> Result<End, SourceError> {
         let read_err = |why: String| SourceError::Read { source_name: self.name.clone(), why };
         let offsets = Arc::new(Mutex::new(Offsets::new()));
-        let consumer = self.consumer(offsets.clone()).map_err(read_err)?;
+        let consumer = self.consumer(offsets.clone(), inbox.statuses().clone()).map_err(read_err)?;
         tracing::info!(source = %self.name, "reading Kafka topic(s) {} in consumer group {}", self.topics.join(", "), self.config.group);
         let slots = Arc::new(Semaphore::new(self.config.max_in_flight));
         let mut running = JoinSet::new();
@@ -298,6 +316,10 @@ impl KafkaSource {
         let mut stall_tick = tokio::time::interval(Duration::from_secs(self.config.session_timeout_secs.max(1)));
         stall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let stalls = Arc::new(Mutex::new(Stalls::default()));
+        // While no broker answers, a metadata request now and then tells when one is back (with
+        // no message to read there is no other sign).
+        let mut probe_tick = tokio::time::interval(PROBE_EVERY);
+        probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
             let next = async {
                 let permit = slots.clone().acquire_owned().await.expect("never closed");
@@ -305,6 +327,15 @@ impl KafkaSource {
             };
             let (permit, msg) = tokio::select! {
                 _ = shutdown.cancelled() => break Ok(End::Stopped),
+                _ = probe_tick.tick(), if inbox.statuses().is_disconnected(&self.name) => {
+                    let c = consumer.clone();
+                    let answered = tokio::task::spawn_blocking(move || c.fetch_metadata(None, PROBE_EVERY).is_ok()).await.unwrap_or(false);
+                    if answered {
+                        tracing::info!(source = %self.name, "the Kafka brokers answer again");
+                        inbox.statuses().connected(&self.name);
+                    }
+                    continue;
+                }
                 _ = stall_tick.tick(), if !rejoin_after.is_zero() => {
                     while running.try_join_next().is_some() {}
                     if !running.is_empty() || offsets.lock().unwrap().in_flight() > 0 {
@@ -329,7 +360,17 @@ impl KafkaSource {
             let msg = match msg {
                 Ok(m) => {
                     errors = 0;
+                    if inbox.statuses().is_disconnected(&self.name) {
+                        tracing::info!(source = %self.name, "the Kafka brokers answer again");
+                        inbox.statuses().connected(&self.name);
+                    }
                     m
+                }
+                // Setting the consumer up again would not help: wait, and say so in health.
+                Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) => {
+                    inbox.statuses().disconnected(&self.name, format!("no Kafka broker answers: {e}"));
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
                 }
                 Err(e) => {
                     errors += 1;

@@ -111,6 +111,7 @@ pub struct Inbox {
     backoff_max: Duration,
     ack_when: AckWhen,
     keepalive_every: Duration,
+    statuses: SourceStatuses,
 }
 
 impl Inbox {
@@ -125,6 +126,7 @@ impl Inbox {
             backoff_max: Duration::from_secs(5),
             ack_when: AckWhen::Stored,
             keepalive_every: Duration::from_secs(10),
+            statuses: SourceStatuses::default(),
         }
     }
 
@@ -149,6 +151,12 @@ impl Inbox {
 
     pub fn workers(&self) -> &Workers {
         &self.workers
+    }
+
+    /// Where the source's state is shown (health, metrics); a source may say there that its
+    /// bus cannot be reached ([`SourceStatuses::disconnected`]).
+    pub fn statuses(&self) -> &SourceStatuses {
+        &self.statuses
     }
 
     /// Handles one message; see the module docs.
@@ -335,7 +343,8 @@ pub async fn start_all(config: &Config, ctx: &SourceContext) -> Result<Running, 
     }
     let mut loops = Vec::new();
     let statuses = SourceStatuses::default();
-    for (source, inbox) in built {
+    for (source, mut inbox) in built {
+        inbox.statuses = statuses.clone();
         let shutdown = ctx.shutdown.clone();
         let name = source.name().to_string();
         loops.push((name, tokio::spawn(supervise(source, inbox, statuses.clone(), shutdown))));

@@ -40,8 +40,12 @@ pub struct Tansu {
 
 impl Tansu {
     pub fn start() -> Tansu {
+        Tansu::start_on(free_port())
+    }
+
+    /// A broker on `port` (to stand in for one that was stopped: its clients reconnect).
+    pub fn start_on(port: u16) -> Tansu {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
         let url = format!("tcp://127.0.0.1:{port}");
         let log = std::fs::File::create(dir.path().join("tansu.log")).unwrap();
         let child = Command::new(tansu_binary())
@@ -66,6 +70,12 @@ impl Tansu {
             assert!(Instant::now() < deadline, "tansu not ready within 30 s:\n{}", t.log());
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Kills the broker (its in-memory topics and offsets go with it).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     pub fn brokers(&self) -> String {
