@@ -22,24 +22,18 @@
 # something failed to run.
 set -euo pipefail
 
-PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cache=${ACCEL_FIXTURE_CACHE:-/var/cache/accel-test}
-fixture=$cache/rootfs-bookworm-minbase-amd64.v1.tar
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 runs=2
 layers=1
 level=9
-keep=
 profile=
 
 # Targets stated in README.md.
 target_speedup=5
 target_size_pct=2
 target_rss_mib=256
-
-log() { printf 'bench: %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
 
 usage() { sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$0"; exit "${1:-0}"; }
 
@@ -57,170 +51,13 @@ done
 [[ $runs =~ ^[1-9][0-9]*$ ]] || die "--runs wants a positive number, got $runs"
 [[ $layers == 1 || $layers == 3 ]] || die "--layers is 1 or 3, got $layers"
 [[ $level =~ ^[0-9]$ ]] || die "--level is 0 to 9, got $level"
-[ "$(id -u)" = 0 ] || die "run as root: it installs Debian packages and starts containerd"
-
-# --- setup: packages, fixture, accelctl --------------------------------------
 
 packages=(
-	containerd          # the reference tool's content store
-	stargz-snapshotter  # ctr-remote, the reference eStargz converter
-	docker-registry     # local registry both tools pull from
-	skopeo              # pushes the source image
-	time                # /usr/bin/time -v for peak RSS
-	jq
-	curl
+	containerd         # the reference tool's content store
+	stargz-snapshotter # ctr-remote, the reference eStargz converter
 )
-
-install_packages() {
-	local missing=() p
-	for p in "${packages[@]}"; do
-		if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
-			missing+=("$p")
-		fi
-	done
-	[ ${#missing[@]} -eq 0 ] && return
-	log "installing ${missing[*]}"
-	export DEBIAN_FRONTEND=noninteractive
-	apt-get -o DPkg::Lock::Timeout=600 update -qq
-	apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-}
-
-ensure_fixture() {
-	[ -s "$fixture" ] && return
-	log "fixture $fixture missing; preparing it with scripts/test"
-	ACCEL_TEST_SETUP_ONLY=1 ACCEL_FIXTURE_CACHE=$cache "$repo/scripts/test"
-	[ -s "$fixture" ] || die "scripts/test did not produce $fixture"
-}
-
-build_accelctl() {
-	if ! command -v cargo >/dev/null 2>&1 && [ -x "${HOME:-/root}/.cargo/bin/cargo" ]; then
-		PATH=${HOME:-/root}/.cargo/bin:$PATH
-	fi
-	command -v cargo >/dev/null 2>&1 || die "cargo not found"
-	log "building accelctl (release)"
-	(cd "$repo" && cargo build --release --quiet --bin accelctl) || die "cargo build failed"
-	local target_dir
-	target_dir=$(cd "$repo" && cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
-	accelctl=$target_dir/release/accelctl
-	[ -x "$accelctl" ] || die "$accelctl not found after the build"
-}
-
 [ -n "$profile" ] && packages+=(linux-perf)
-install_packages
-ensure_fixture
-build_accelctl
-
-# --- work directory and servers -----------------------------------------------
-
-work=$(mktemp -d "${ACCEL_BENCH_TMP:-/var/tmp}/accel-bench.XXXXXX")
-registry_pid=
-containerd_pid=
-
-cleanup() {
-	local rc=$?
-	set +e
-	[ -n "$containerd_pid" ] && kill "$containerd_pid" 2>/dev/null && wait "$containerd_pid" 2>/dev/null
-	[ -n "$registry_pid" ] && kill "$registry_pid" 2>/dev/null && wait "$registry_pid" 2>/dev/null
-	# The native snapshotter mounts nothing, but be sure before deleting the tree.
-	if grep -q " $work/" /proc/self/mounts; then
-		awk -v w="$work/" 'index($2, w) == 1 { print $2 }' /proc/self/mounts | sort -r | xargs -r -n1 umount -l
-	fi
-	if [ -n "$keep" ]; then
-		log "kept $work"
-	else
-		rm -rf "$work"
-	fi
-	exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
-start_registry() {
-	local attempt port i
-	mkdir -p "$work/registry"
-	for attempt in 1 2 3 4 5; do
-		port=$((20000 + RANDOM % 40000))
-		port_in_use "$port" && continue
-		cat >"$work/registry/config.yml" <<-EOF
-			version: 0.1
-			log:
-			  level: warn
-			storage:
-			  filesystem:
-			    rootdirectory: $work/registry/data
-			  delete:
-			    enabled: true
-			http:
-			  addr: 127.0.0.1:$port
-		EOF
-		docker-registry serve "$work/registry/config.yml" >"$work/registry/log" 2>&1 &
-		registry_pid=$!
-		for i in $(seq 100); do
-			if ! kill -0 "$registry_pid" 2>/dev/null; then
-				wait "$registry_pid" || true
-				registry_pid=
-				break
-			fi
-			if curl -fs "http://127.0.0.1:$port/v2/" >/dev/null; then
-				registry=127.0.0.1:$port
-				log "registry on $registry"
-				return
-			fi
-			sleep 0.1
-		done
-		[ -n "$registry_pid" ] && { kill "$registry_pid"; wait "$registry_pid" 2>/dev/null || true; registry_pid=; }
-	done
-	tail -n 20 "$work/registry/log" >&2 || true
-	die "docker-registry did not start on a loopback port"
-}
-
-start_containerd() {
-	local d=$work/containerd i
-	mkdir -p "$d"
-	ctr_sock=$d/containerd.sock
-	# Only what image pull and convert use: content, metadata, images, leases, the native
-	# snapshotter for unpacking. No CRI, no system paths.
-	cat >"$d/config.toml" <<-EOF
-		version = 2
-		root = "$d/root"
-		state = "$d/state"
-		disabled_plugins = [
-		  "io.containerd.grpc.v1.cri",
-		  "io.containerd.internal.v1.opt",
-		  "io.containerd.snapshotter.v1.aufs",
-		  "io.containerd.snapshotter.v1.btrfs",
-		  "io.containerd.snapshotter.v1.devmapper",
-		  "io.containerd.snapshotter.v1.zfs",
-		  "io.containerd.snapshotter.v1.overlayfs",
-		  "io.containerd.tracing.processor.v1.otlp",
-		  "io.containerd.internal.v1.tracing",
-		]
-		[grpc]
-		  address = "$ctr_sock"
-		[ttrpc]
-		  address = "$ctr_sock.ttrpc"
-		[debug]
-		  address = ""
-		[metrics]
-		  address = ""
-	EOF
-	containerd --config "$d/config.toml" >"$d/log" 2>&1 &
-	containerd_pid=$!
-	for i in $(seq 100); do
-		kill -0 "$containerd_pid" 2>/dev/null || { tail -n 20 "$d/log" >&2; die "containerd exited at start"; }
-		if ctr-remote --address "$ctr_sock" version >/dev/null 2>&1; then
-			log "containerd on $ctr_sock"
-			return
-		fi
-		sleep 0.1
-	done
-	tail -n 20 "$d/log" >&2
-	die "containerd did not answer on $ctr_sock"
-}
-
-ctr() { ctr-remote --address "$ctr_sock" --namespace bench "$@"; }
+bench_setup
 
 # --- source image -------------------------------------------------------------
 
@@ -245,7 +82,7 @@ split_layers() {
 
 # An OCI layout with one gzip layer per tar (gzip -n, default level, as image builders do).
 build_source_layout() {
-	local oci=$work/oci blobs diff_ids= layer_descs= t diff gz digest size
+	local oci=$work/oci blobs diff_ids="" layer_descs="" t diff digest size
 	blobs=$oci/blobs/sha256
 	mkdir -p "$blobs"
 	for t in "$work"/layers/*.tar; do
@@ -276,42 +113,6 @@ push_source() {
 		{ cat "$work/skopeo.log" >&2; die "skopeo could not push the source image"; }
 }
 
-# --- measurement helpers ------------------------------------------------------
-
-now() { date +%s.%N; }
-
-# CPU seconds (user + system) a process has used so far.
-proc_cpu() {
-	awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); printf "%.2f\n", ($12 + $13) / hz }' "/proc/$1/stat"
-}
-
-# Field of a `/usr/bin/time -v` report.
-tv_field() { awk -F': ' -v k="$2" 'index($1, k) { print $2 }' "$1"; }
-
-# Runs "$@" under /usr/bin/time -v; sets run_secs, run_rss_kib, run_cpu, run_server_cpu
-# (CPU used meanwhile by the server process $1) and leaves the command's output in $out.
-timed() {
-	local server=$1 name=$2
-	shift 2
-	local tv=$work/runs/$name.time before after start end
-	before=$(proc_cpu "$server")
-	start=$(now)
-	if ! /usr/bin/time -v -o "$tv" "$@" >"$work/runs/$name.out" 2>"$work/runs/$name.err"; then
-		tail -n 30 "$work/runs/$name.err" >&2
-		die "$name failed: $*"
-	fi
-	end=$(now)
-	after=$(proc_cpu "$server")
-	run_secs=$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.2f", b - a }')
-	run_rss_kib=$(tv_field "$tv" "Maximum resident set size")
-	run_cpu=$(awk -v u="$(tv_field "$tv" "User time")" -v s="$(tv_field "$tv" "System time")" 'BEGIN { printf "%.2f", u + s }')
-	run_server_cpu=$(awk -v a="$before" -v b="$after" 'BEGIN { printf "%.2f", b - a }')
-	out=$work/runs/$name.out
-}
-
-# Sum of the layer sizes of a manifest read on stdin.
-layer_bytes() { jq '[.layers[].size] | add'; }
-
 # Seconds between accelctl's stage log lines, e.g. "pull 1.20 convert 9.80 push 0.40".
 accel_phases() {
 	sed 's/\x1b\[[0-9;]*m//g' "$1" | awk '
@@ -326,20 +127,10 @@ accel_phases() {
 	'
 }
 
-# best and median of the numbers given as arguments
-best() { printf '%s\n' "$@" | sort -g | awk 'NR == 1'; }
-median() {
-	printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.2f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
-}
-maximum() { printf '%s\n' "$@" | sort -g | awk 'END { print }'; }
-
-mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
-
 # --- the benchmark ------------------------------------------------------------
 
 start_registry
 start_containerd
-mkdir -p "$work/runs"
 src_ref=$registry/bench/debian:src
 
 log "building the source image ($layers layer(s)) from $fixture"
@@ -364,7 +155,7 @@ ctr_target=$registry/bench/debian:ctr-esgz
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 declare -a loads=()
 declare -a ctr_secs=() ctr_rss=() ctr_cpu=() cold_secs=() cold_rss=() cold_cpu=() warm_secs=() warm_rss=() warm_cpu=()
-ctr_bytes= accel_bytes= ctr_uncompressed= accel_uncompressed=
+ctr_bytes="" accel_bytes="" ctr_uncompressed="" accel_uncompressed=""
 printf '\n%-10s %-4s %9s %9s %9s %11s %6s  %s\n' side run seconds cpu_s server_s "out_bytes" rss_MiB "notes"
 
 for i in $(seq "$runs"); do
@@ -437,14 +228,6 @@ warm_rss_max=$(maximum "${warm_rss[@]}")
 accel_rss_max=$(maximum "$cold_rss_max" "$warm_rss_max")
 ctr_cpu_med=$(median "${ctr_cpu[@]}"); cold_cpu_med=$(median "${cold_cpu[@]}"); warm_cpu_med=$(median "${warm_cpu[@]}")
 
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
-verdict() {
-	if awk -v v="$1" -v op="$2" -v t="$3" 'BEGIN { exit !(op == "ge" ? v >= t : op == "le" ? v <= t : v < t) }'; then
-		echo PASS
-	else
-		echo MISS
-	fi
-}
 
 speed_warm_med=$(ratio "$ctr_med" "$warm_med"); speed_warm_best=$(ratio "$ctr_best" "$warm_best")
 speed_cold_med=$(ratio "$ctr_med" "$cold_med"); speed_cold_best=$(ratio "$ctr_best" "$cold_best")
@@ -476,13 +259,7 @@ line "speedup (ctr-remote s / accel s)" "warm: median ${speed_warm_med}x, best $
 line "CPU-time ratio (ctr-remote / warm)" "${cpu_ratio}x (less sensitive to other load on the machine)"
 line "size ratio (accel / ctr-remote)" "$size_ratio ($size_pct%)"
 line "accel peak RSS" "$rss_mib MiB (ctr-remote client: $(mib "$ctr_rss_max") MiB)"
-load_max=$(maximum "${loads[@]}" "$(cut -d' ' -f1 /proc/loadavg)")
-if awk -v l="$load_max" -v n="$(nproc)" 'BEGIN { exit !(l > n) }'; then
-	echo
-	echo "note: load average reached $load_max on $(nproc) core(s). With more runnable threads than cores each"
-	echo "      process gets CPU in proportion to its runnable threads, so wall-time ratios depend on"
-	echo "      the other load; the CPU-time ratio does not. Rerun when the machine is quieter."
-fi
+load_note "${loads[@]}"
 echo
 line "target: speedup >= ${target_speedup}x (warm, median)" "$(verdict "$speed_warm_med" ge "$target_speedup")"
 line "target: output <= ${target_size_pct}% larger" "$(verdict "$size_pct" le "$target_size_pct")"

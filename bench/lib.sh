@@ -192,6 +192,7 @@ push_debian_image() {
 		{ cat "$work/skopeo-push.log" >&2; die "skopeo could not push the source image"; }
 	src_uncompressed=$(stat -L -c %s "$fixture")
 	src_layer_bytes=$size
+	src_layer_file=$blobs/$digest
 }
 
 # An accelctl config with an embedded store at $2, written to $1.
