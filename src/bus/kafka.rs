@@ -105,6 +105,11 @@ impl Publisher {
         cfg.set("acks", "all");
         cfg.set("enable.idempotence", "true");
         cfg.set("message.timeout.ms", timeout.as_millis().max(1).to_string());
+        // Each record is awaited before the next is sent (results go out in order): waiting for
+        // more records to batch (librdkafka's default 5 ms) would only add that to each one.
+        if cfg.get("linger.ms").is_none() && cfg.get("queue.buffering.max.ms").is_none() {
+            cfg.set("linger.ms", "0");
+        }
         let producer: FutureProducer = cfg.create().map_err(|e| format!("cannot set up a Kafka producer for {}: {e}", describe_brokers(c)))?;
         Ok(Publisher { producer, connection: c.clone(), brokers: describe_brokers(c), topic: topic.to_string(), timeout })
     }
