@@ -185,6 +185,9 @@ async fn multi_platform_index_through_containerd_matches_embedded() {
     let source = debian_index().build().push(&server.host(), "library/debian:multi");
 
     let (result, seen) = convert_in_containerd(&ctrd, ns, false, &source.reference, "-ctrd").await;
+    // Listed at once: with the lease gone nothing holds the index, and containerd may collect
+    // it in the background any time after (its scheduler runs after deletions).
+    let content = ctrd.content(ns);
     let target = &result.targets[0];
     assert_eq!(accel_leases(&seen.leases).len(), 1, "{:?}", seen.leases);
     let index = pushed(&target.reference.to_string());
@@ -198,7 +201,13 @@ async fn multi_platform_index_through_containerd_matches_embedded() {
     // Without register_images nothing is named, and the index's labels name its manifests.
     assert!(ctrd.images(ns).is_empty(), "{:?}", ctrd.images(ns));
     assert!(accel_leases(&ctrd.leases(ns)).is_empty());
-    let content = ctrd.content(ns);
+    assert!(
+        content.iter().any(|c| c.digest == target.digest.to_string()),
+        "the index {} was not in containerd's content right after the conversion: {:?}\n{}",
+        target.digest,
+        content.iter().map(|c| &c.digest).collect::<Vec<_>>(),
+        ctrd.log()
+    );
     for (i, d) in children.iter().enumerate() {
         assert_eq!(label_of(&content, &target.digest.to_string(), &format!("containerd.io/gc.ref.content.m.{i}")), Some(d.as_str()));
     }
