@@ -168,14 +168,12 @@ pub struct RegistryConfig {
 }
 
 /// One event source, by `kind`. Each kind's module under `src/sources/` builds and runs it.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub enum SourceConfig {
     /// Harbor webhooks (`artifact pushed`) posted to `/api/v1/conversions`.
     Harbor {
         /// Forward each accepted webhook into a bus instead of converting it here; the webhook
         /// is answered once the bus has it, and every instance reading the bus shares the work.
-        #[serde(default)]
         forward: Option<ForwardConfig>,
     },
     /// A NATS core subject (`src/sources/nats.rs`).
@@ -203,8 +201,7 @@ impl SourceConfig {
 }
 
 /// One result sink, by `kind`. Each kind's module under `src/sinks/` builds it.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub enum SinkConfig {
     /// One JSON result per line on standard output.
     Stdout {},
@@ -230,6 +227,115 @@ impl SinkConfig {
             SinkConfig::Nats(_) => "nats",
             SinkConfig::Jetstream(_) => "jetstream",
             SinkConfig::Kafka(_) => "kafka",
+        }
+    }
+}
+
+/// Sources and sinks are read by `kind` first, then the rest as that kind's settings, so that
+/// an error names the setting (`ack: unknown variant ...`), which serde's tagged enums lose.
+mod by_kind {
+    use serde::de::{DeserializeOwned, Error};
+    use serde::{Deserialize, Deserializer};
+    use serde_yaml::Value;
+
+    use super::{ForwardConfig, SinkConfig, SourceConfig};
+
+    /// Removes `kind` from a mapping and returns it.
+    fn take_kind<E: Error>(v: &mut Value) -> Result<String, E> {
+        let Value::Mapping(m) = v else {
+            return Err(E::custom("expected a mapping with `kind`"));
+        };
+        match m.remove("kind") {
+            Some(Value::String(k)) => Ok(k),
+            Some(_) => Err(E::custom("`kind` must be a string")),
+            None => Err(E::missing_field("kind")),
+        }
+    }
+
+    /// The settings of one kind, an error naming the setting at fault.
+    fn settings<T: DeserializeOwned, E: Error>(v: Value) -> Result<T, E> {
+        serde_path_to_error::deserialize(v).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if path == "." {
+                E::custom(inner)
+            } else {
+                E::custom(format!("{path}: {inner}"))
+            }
+        })
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Harbor {
+        #[serde(default)]
+        forward: Option<ForwardConfig>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Nothing {}
+
+    impl<'de> Deserialize<'de> for SourceConfig {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            let mut v = Value::deserialize(d)?;
+            let kind = take_kind(&mut v)?;
+            match kind.as_str() {
+                "harbor" => settings::<Harbor, _>(v).map(|h| SourceConfig::Harbor { forward: h.forward }),
+                "nats" => settings(v).map(SourceConfig::Nats),
+                "jetstream" => settings(v).map(SourceConfig::Jetstream),
+                "poll" => settings(v).map(SourceConfig::Poll),
+                "kafka" => settings(v).map(SourceConfig::Kafka),
+                other => Err(D::Error::unknown_variant(other, &["harbor", "nats", "jetstream", "poll", "kafka"])),
+            }
+        }
+    }
+
+    impl<'de> Deserialize<'de> for SinkConfig {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            let mut v = Value::deserialize(d)?;
+            let kind = take_kind(&mut v)?;
+            match kind.as_str() {
+                "stdout" => settings::<Nothing, _>(v).map(|_| SinkConfig::Stdout {}),
+                "file" => settings(v).map(SinkConfig::File),
+                "http" => settings(v).map(SinkConfig::Http),
+                "nats" => settings(v).map(SinkConfig::Nats),
+                "jetstream" => settings(v).map(SinkConfig::Jetstream),
+                "kafka" => settings(v).map(SinkConfig::Kafka),
+                other => Err(D::Error::unknown_variant(other, &["stdout", "file", "http", "nats", "jetstream", "kafka"])),
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use crate::config::Config;
+
+        fn problem(yaml: &str) -> String {
+            let e = Config::parse(yaml, "t", &|_| None).unwrap_err();
+            e.problems().iter().map(|p| format!("{}: {}", p.path, p.message)).collect::<Vec<_>>().join("\n")
+        }
+
+        #[test]
+        fn an_error_in_a_source_or_sink_names_the_setting() {
+            let e = problem("sources: { k: { kind: kafka, brokers: \"h:1\", topic: t, group: g, ack: sometimes } }");
+            assert!(e.starts_with("sources.k: ack: unknown variant `sometimes`"), "{e}");
+            let e = problem("sources: { k: { kind: kafka, brokers: \"h:1\", topic: t, group: g, max_in_flight: many } }");
+            assert!(e.starts_with("sources.k: max_in_flight: invalid type"), "{e}");
+            let e = problem("sources: { k: { kind: kafka, brokers: \"h:1\", topic: t, group: g, sasl: { mechanism: PLAIN } } }");
+            assert!(e.starts_with("sources.k: sasl: missing field `user`"), "{e}");
+            let e = problem("sinks: { s: { kind: http, url: \"http://h/\", timeout_secs: soon } }");
+            assert!(e.starts_with("sinks.s: timeout_secs: invalid type"), "{e}");
+            let e = problem("sinks: { s: { kind: stdout, path: x } }");
+            assert!(e.contains("unknown field `path`"), "{e}");
+            let e = problem("sources: { h: { kind: harbor, forward: { kind: kafka, brokers: \"h:1\" } } }");
+            assert!(e.starts_with("sources.h: forward:"), "{e}");
+            let e = problem("sources: { x: { kind: sqs } }");
+            assert!(e.contains("unknown variant `sqs`") && e.contains("kafka"), "{e}");
+            let e = problem("sinks: { x: { url: y } }");
+            assert!(e.contains("missing field `kind`"), "{e}");
+            let e = problem("sinks: { x: [1] }");
+            assert!(e.contains("expected a mapping with `kind`"), "{e}");
         }
     }
 }
