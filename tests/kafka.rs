@@ -95,7 +95,7 @@ pipelines:
 
     // A malformed message is dead-lettered with the reason and where it was read; the source
     // goes on with the next one.
-    let bad_offset = producer.send("images", None, "{oops", &[]).await;
+    let bad_offset = producer.send_keyed("images", None, Some("app-7"), "{oops", &[("trace-id", "t-1"), ("Accel-Error", "forged")]).await;
     let two = handmade_image().build().push(&reg.host(), "library/two:1");
     producer.send("images", None, &event(&two), &[]).await;
     let letters = dead.wait_count(1, Duration::from_secs(60), || d.log()).await;
@@ -104,6 +104,10 @@ pipelines:
     assert!(letter.headers["Accel-Error"].contains("not valid JSON"), "{letter:?}");
     assert_eq!(letter.headers["Accel-Source"], "k");
     assert_eq!(letter.headers["Accel-Location"], format!("topic images partition 0 offset {bad_offset}"));
+    // The record's key and its own headers go on with it; the letter's headers replace any
+    // of the same name.
+    assert_eq!(letter.key.as_deref(), Some("app-7"));
+    assert_eq!(letter.headers.get("trace-id").map(String::as_str), Some("t-1"));
     let r = results.result_for(&subject(&two), Duration::from_secs(120), || d.log()).await;
     assert_eq!(r["data"]["status"], "COMPLETED", "{r}");
 

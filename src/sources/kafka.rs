@@ -52,7 +52,10 @@ impl DeadLetter for KafkaDeadLetter {
     }
 
     async fn publish(&self, letter: &Letter<'_>) -> Result<(), String> {
-        let mut h = vec![(headers::ERROR, letter.reason), (headers::SOURCE, letter.source), (headers::LOCATION, letter.location)];
+        // The message's own headers go on, but for those the letter sets itself.
+        let ours = [headers::ERROR, headers::SOURCE, headers::LOCATION, headers::TRUNCATED, "Content-Type"];
+        let mut h: Vec<(&str, &str)> = letter.headers.iter().filter(|(k, _)| !ours.iter().any(|o| o.eq_ignore_ascii_case(k))).copied().collect();
+        h.extend([(headers::ERROR, letter.reason), (headers::SOURCE, letter.source), (headers::LOCATION, letter.location)]);
         let size = letter.truncated_from.map(|n| n.to_string());
         if let Some(ct) = letter.content_type {
             h.push(("Content-Type", ct));
@@ -60,7 +63,7 @@ impl DeadLetter for KafkaDeadLetter {
         if let Some(n) = &size {
             h.push((headers::TRUNCATED, n));
         }
-        self.publisher.publish(None, &h, letter.body).await
+        self.publisher.publish(letter.key, &h, letter.body).await
     }
 }
 
@@ -397,7 +400,11 @@ impl KafkaSource {
                         .and_then(|h| h.value)
                         .and_then(|v| std::str::from_utf8(v).ok().map(String::from))
                 });
-                let m = Message { body: msg.payload().unwrap_or_default(), content_type: ct.as_deref(), location: &location };
+                let texts: Vec<(&str, &str)> = msg
+                    .headers()
+                    .map(|h| h.iter().filter_map(|h| Some((h.key, std::str::from_utf8(h.value?).ok()?))).collect())
+                    .unwrap_or_default();
+                let m = Message { body: msg.payload().unwrap_or_default(), content_type: ct.as_deref(), location: &location, key: msg.key(), headers: &texts };
                 match inbox.handle(&m).await {
                     Disposition::Ack => {
                         let moved = offsets.lock().unwrap().settle(&ticket);

@@ -50,6 +50,10 @@ pub struct Message<'a> {
     /// Where it was read, for logs and dead letters: `subject images.pushed`, `topic t
     /// partition 0 offset 42`, `stream S sequence 7`.
     pub location: &'a str,
+    /// The record's key, on buses with keys (Kafka); a dead letter keeps it.
+    pub key: Option<&'a [u8]>,
+    /// Its other text headers, on buses whose dead letters carry them on (Kafka).
+    pub headers: &'a [(&'a str, &'a str)],
 }
 
 /// What a source does with a message once its inbox is done with it.
@@ -74,6 +78,9 @@ pub struct Letter<'a> {
     pub reason: &'a str,
     /// The message's size when `body` holds only its first [`DEAD_LETTER_MAX_BODY`] bytes.
     pub truncated_from: Option<usize>,
+    /// The message's key and headers ([`Message::key`], [`Message::headers`]).
+    pub key: Option<&'a [u8]>,
+    pub headers: &'a [(&'a str, &'a str)],
 }
 
 /// Header names a dead letter carries, on buses with headers.
@@ -247,7 +254,7 @@ impl Inbox {
             n if n > DEAD_LETTER_MAX_BODY => (&msg.body[..DEAD_LETTER_MAX_BODY], Some(n)),
             _ => (msg.body, None),
         };
-        let letter = Letter { source: &self.source, body, content_type: msg.content_type, location: msg.location, reason: &reason, truncated_from };
+        let letter = Letter { source: &self.source, body, content_type: msg.content_type, location: msg.location, reason: &reason, truncated_from, key: msg.key, headers: msg.headers };
         let mut failures = 0u32;
         loop {
             match dl.publish(&letter).await {
@@ -545,7 +552,7 @@ mod tests {
     }
 
     fn msg(body: &str) -> Message<'_> {
-        Message { body: body.as_bytes(), content_type: None, location: "subject t" }
+        Message { body: body.as_bytes(), content_type: None, location: "subject t", key: None, headers: &[] }
     }
 
     #[tokio::test]
@@ -596,7 +603,7 @@ mod tests {
             tokio::spawn(async move {
                 let body = r#"{"reference":"h.io/a/b:9"}"#;
                 inbox
-                    .handle_keepalive(&Message { body: body.as_bytes(), content_type: None, location: "t" }, move || {
+                    .handle_keepalive(&Message { body: body.as_bytes(), content_type: None, location: "t", key: None, headers: &[] }, move || {
                         p.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         async {}
                     })

@@ -115,7 +115,7 @@ impl Source for NatsSource {
                 let _permit = permit;
                 let ct = content_type(msg.headers.as_ref());
                 let location = format!("subject {}", msg.subject);
-                let m = Message { body: &msg.payload, content_type: ct.as_deref(), location: &location };
+                let m = Message { body: &msg.payload, content_type: ct.as_deref(), location: &location, key: None, headers: &[] };
                 let outcome = inbox.handle(&m).await;
                 if outcome == Disposition::Stop {
                     tracing::warn!(source = %name, at = %location, "acceld is stopping; this message is not converted (core NATS does not deliver it again)");
@@ -271,7 +271,7 @@ impl Source for JetStreamSource {
                     Err(_) => format!("subject {}", msg.subject),
                 };
                 let ct = content_type(msg.headers.as_ref());
-                let m = Message { body: &msg.payload, content_type: ct.as_deref(), location: &location };
+                let m = Message { body: &msg.payload, content_type: ct.as_deref(), location: &location, key: None, headers: &[] };
                 let keepalive = || async {
                     // Still working on it: the server must not hand it to another consumer yet.
                     let _ = msg.ack_with(AckKind::Progress).await;

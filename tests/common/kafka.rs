@@ -187,11 +187,19 @@ impl Producer {
     /// Sends one record (to `partition`, or as the producer picks) and waits for it to be
     /// stored; returns its offset.
     pub async fn send(&self, topic: &str, partition: Option<i32>, body: &str, headers: &[(&str, &str)]) -> i64 {
+        self.send_keyed(topic, partition, None, body, headers).await
+    }
+
+    /// [`send`](Self::send) with a record key.
+    pub async fn send_keyed(&self, topic: &str, partition: Option<i32>, key: Option<&str>, body: &str, headers: &[(&str, &str)]) -> i64 {
         let mut h = OwnedHeaders::new();
         for (k, v) in headers {
             h = h.insert(Header { key: k, value: Some(v.as_bytes()) });
         }
-        let mut r = FutureRecord::<(), str>::to(topic).payload(body).headers(h);
+        let mut r = FutureRecord::<str, str>::to(topic).payload(body).headers(h);
+        if let Some(k) = key {
+            r = r.key(k);
+        }
         if let Some(p) = partition {
             r = r.partition(p);
         }
