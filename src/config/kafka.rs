@@ -135,7 +135,9 @@ fn default_max_poll_interval() -> u64 {
     1800
 }
 
-/// Publishing to one Kafka topic (results, forwarded webhooks).
+/// Publishing to one Kafka topic (results, forwarded webhooks). The connection settings are
+/// spelled out here as in [`KafkaSourceConfig`] rather than flattened from one struct: serde
+/// cannot check unknown keys of a struct with a flattened part. `connection()` gathers them.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaPublishConfig {
