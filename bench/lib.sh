@@ -11,6 +11,7 @@ keep=
 work=
 registry_pid=
 containerd_pid=
+throttled=
 
 log() { printf 'bench: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -67,6 +68,7 @@ cleanup() {
 	set +e
 	[ -n "$containerd_pid" ] && kill "$containerd_pid" 2>/dev/null && wait "$containerd_pid" 2>/dev/null
 	[ -n "$registry_pid" ] && kill "$registry_pid" 2>/dev/null && wait "$registry_pid" 2>/dev/null
+	[ -n "$throttled" ] && tc qdisc del dev lo root 2>/dev/null
 	if [ -n "$work" ] && grep -q " $work/" /proc/self/mounts; then
 		awk -v w="$work/" 'index($2, w) == 1 { print $2 }' /proc/self/mounts | sort -r | xargs -r -n1 umount -l
 	fi
@@ -120,6 +122,24 @@ start_registry() {
 	done
 	tail -n 20 "$work/registry/log" >&2 || true
 	die "docker-registry did not start on a loopback port"
+}
+
+# throttle_registry RATE: what the registry sends (blobs being pulled) goes through a token
+# bucket of RATE (tc's units: 1gbit, 400mbit, 50mbps) on the loopback device, so pulls cost what
+# they cost from a registry across a network link; pushes are not limited. Removed on exit. It
+# owns lo's root qdisc, and refuses to run if something else has set one.
+throttle_registry() {
+	local rate=$1 port=${registry##*:}
+	command -v tc >/dev/null || die "--rate needs tc (Debian package iproute2)"
+	tc qdisc show dev lo | grep -q '^qdisc noqueue 0: root' ||
+		die "lo already has a root qdisc ($(tc qdisc show dev lo | head -n1)); remove it or run without --rate"
+	tc qdisc add dev lo root handle 1: htb || die "could not add an htb qdisc to lo"
+	throttled=1
+	tc class add dev lo parent 1: classid 1:20 htb rate "$rate" ceil "$rate" burst 256k cburst 256k quantum 65536 ||
+		die "tc refused the rate '$rate' (examples: 1gbit, 400mbit, 50mbps)"
+	tc filter add dev lo parent 1: protocol ip prio 1 u32 match ip sport "$port" 0xffff flowid 1:20 ||
+		die "could not add the tc filter for port $port"
+	log "registry replies limited to $rate"
 }
 
 # Starts a private containerd (own root, state, socket); sets ctr_sock and containerd_pid.

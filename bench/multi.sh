@@ -3,13 +3,16 @@
 # against three separate `accelctl convert --driver X` runs of the same real Debian image, in
 # one run on this machine; prints times, peak memory and the ratios bench/README.md targets.
 #
-#   bench/multi.sh [--runs N] [--drivers LIST] [--cold] [--keep]
+#   bench/multi.sh [--runs N] [--drivers LIST] [--cold] [--rate RATE] [--keep]
 #
 #   --runs N        runs of each side (default 2); best and median are reported
 #   --drivers LIST  comma-separated drivers (default estargz,zstdchunked,zstd)
 #   --cold          each run starts from an empty store, so the separate runs pull once each
 #                   (default: warm, the source already in the store, which isolates the
 #                   conversion: one decode feeding every driver against one decode per driver)
+#   --rate RATE     with --cold (implied): the registry's replies are limited to RATE (tc units,
+#                   e.g. 1gbit, 400mbit), so a pull costs what it costs across a network link
+#                   instead of from loopback; pushes are not limited
 #   --keep          keep the work directory and print its path
 #
 # Environment: ACCEL_FIXTURE_CACHE, ACCEL_BENCH_TMP, CARGO_TARGET_DIR as for bench/estargz.sh;
@@ -23,6 +26,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 runs=2
 drivers=estargz,zstdchunked,zstd
 cold=
+rate=
 target_speedup=1.5
 target_rss_mib=256
 
@@ -32,6 +36,7 @@ while [ $# -gt 0 ]; do
 		--runs) runs=${2:?}; shift 2 ;;
 		--drivers) drivers=${2:?}; shift 2 ;;
 		--cold) cold=1; shift ;;
+		--rate) rate=${2:?}; cold=1; shift 2 ;;
 		--keep) keep=1; shift ;;
 		-h | --help) usage 0 ;;
 		*) log "unknown argument $1"; usage 2 >&2 ;;
@@ -42,6 +47,7 @@ IFS=, read -r -a each <<<"$drivers"
 [ ${#each[@]} -ge 2 ] || die "--drivers wants at least two drivers, got $drivers"
 
 packages=()
+[ -n "$rate" ] && packages+=(iproute2)
 bench_setup
 start_registry
 src_ref=$registry/bench/debian:src
@@ -55,6 +61,19 @@ accel_config "$warm_config" "$work/accel-store-warm"
 # push the same (existence checks and manifests).
 log "filling the store and the registry (not timed)"
 timed "$registry_pid" prime env NO_COLOR=1 "$accelctl" convert --config "$warm_config" --driver "$drivers" --output json "$src_ref"
+
+pull_note=
+if [ -n "$rate" ]; then
+	throttle_registry "$rate"
+	# One plain download of the source layer, to show what a pull costs at this rate.
+	layer_digest=$(skopeo inspect --raw --tls-verify=false "docker://$src_ref" | jq -r '.layers[0].digest')
+	t0=$(now)
+	curl -fsS -o /dev/null "http://$registry/v2/bench/debian/blobs/$layer_digest" || die "could not download the source layer"
+	t1=$(now)
+	pull_note=$(awk -v a="$t0" -v b="$t1" -v n="$src_layer_bytes" \
+		'BEGIN { printf "one download of the source layer: %.2f s (%.1f MB/s)", b - a, n / (b - a) / 1e6 }')
+	log "$pull_note"
+fi
 
 config_for() {
 	if [ -n "$cold" ]; then
@@ -94,6 +113,7 @@ cat <<EOF
 
 $drivers from one command vs ${#each[@]} separate commands, $([ -n "$cold" ] && echo "cold (empty store each)" || echo "warm (source in the store)"), $runs run(s), $(nproc) core(s)
 source: 1 layer, $src_uncompressed bytes of tar, $src_layer_bytes bytes gzip (Debian bookworm minbase)
+registry: loopback$([ -n "$rate" ] && echo ", replies limited to $rate; $pull_note")
 
 side                 best_s  median_s  median_cpu_s  peak_RSS_MiB
 one command        $(printf '%8s  %8s  %12s  %12s' "$(best "${one_secs[@]}")" "$one_med" "$(median "${one_cpu[@]}")" "$(mib "$one_rss_max")")

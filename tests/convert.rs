@@ -491,3 +491,140 @@ fn several_formats_decode_each_source_layer_once() {
     expected.sort();
     assert_eq!(seen, expected);
 }
+
+/// A TCP proxy in front of a registry on loopback that passes everything through, except
+/// that the answer to the first `GET <path>` is cut off after `after` bytes (headers
+/// included) by closing the connection. Counts the `GET <path>` requests it forwards.
+struct CuttingProxy {
+    port: u16,
+    gets: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CuttingProxy {
+    fn start(upstream: u16, path: &str, after: u64) -> CuttingProxy {
+        use std::io::Write;
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+        use std::sync::Arc;
+
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let gets = Arc::new(AtomicUsize::new(0));
+        let armed = Arc::new(AtomicBool::new(true));
+        let needle = format!("GET {path} ").into_bytes();
+        let counter = gets.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(client) = conn else { continue };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else { continue };
+                // Bytes of answers sent on this connection, and where to stop.
+                let sent = Arc::new(AtomicU64::new(0));
+                let cut_at = Arc::new(AtomicU64::new(u64::MAX));
+                {
+                    let (mut from, mut to) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                    let (sent, cut_at, armed, counter, needle) = (sent.clone(), cut_at.clone(), armed.clone(), counter.clone(), needle.clone());
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 64 << 10];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            if buf[..n].windows(needle.len()).any(|w| w == needle.as_slice()) {
+                                counter.fetch_add(1, Ordering::SeqCst);
+                                if armed.swap(false, Ordering::SeqCst) {
+                                    cut_at.store(sent.load(Ordering::SeqCst) + after, Ordering::SeqCst);
+                                }
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(Shutdown::Write);
+                    });
+                }
+                let (mut from, mut to) = (server, client);
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 << 10];
+                    loop {
+                        let n = match from.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let room = cut_at.load(Ordering::SeqCst).saturating_sub(sent.load(Ordering::SeqCst));
+                        let pass = (n as u64).min(room) as usize;
+                        if to.write_all(&buf[..pass]).is_err() {
+                            break;
+                        }
+                        sent.fetch_add(pass as u64, Ordering::SeqCst);
+                        if pass < n {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(Shutdown::Both);
+                    let _ = from.shutdown(Shutdown::Both);
+                });
+            }
+        });
+        CuttingProxy { port, gets }
+    }
+}
+
+#[test]
+fn a_layer_pull_that_breaks_off_while_converting_is_pulled_again() {
+    let server = RegistryServer::start(RegistryAuth::None);
+    let pushed = handmade_image().build().push(&server.host(), "hand/cut:v1");
+    let layer = pushed.layers().iter().max_by_key(|l| l.descriptor.size).unwrap().clone();
+    assert!(layer.descriptor.size > 8 << 10, "the layer is too small to cut in the middle");
+    let path = format!("/v2/hand/cut/blobs/{}", layer.digest());
+    let proxy = CuttingProxy::start(server.port, &path, layer.descriptor.size / 2);
+    let through_proxy = format!("127.0.0.1:{}/hand/cut:v1", proxy.port);
+
+    let ws = Workspace::new("");
+    let out = ws.convert(&["--output", "json", "--driver", "estargz,zstdchunked,zstd", &through_proxy]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the conversion should survive a broken pull:\n{err}");
+    assert_eq!(proxy.gets.load(std::sync::atomic::Ordering::SeqCst), 2, "the cut layer is fetched again, once:\n{err}");
+    assert!(err.contains("broke off") && err.contains(layer.digest()), "the log should say which pull broke off:\n{err}");
+    let cut: Value = serde_json::from_slice(&out.stdout).unwrap();
+
+    // The same conversion with nothing in the way gives the same images.
+    let direct = Workspace::new("").convert_json(&["--driver", "estargz,zstdchunked,zstd", &pushed.reference]);
+    for i in 0..3 {
+        assert_eq!(cut["targets"][i]["digest"], direct["targets"][i]["digest"], "target {i}");
+    }
+    // And the converted layers read back as they should.
+    verify_lossless_image(&server, &direct, 2, "zstd", "application/vnd.oci.image.layer.v1.tar+zstd", &pushed);
+}
+
+#[test]
+fn a_layer_that_does_not_match_its_digest_is_refused_and_not_kept() {
+    let server = RegistryServer::start(RegistryAuth::None);
+    let pushed = handmade_image().build().push(&server.host(), "hand/altered:v1");
+    let layer = pushed.layers().iter().max_by_key(|l| l.descriptor.size).unwrap().clone();
+    let path = server.blob_data_path(hex_of(layer.digest()));
+    let good = std::fs::read(&path).unwrap();
+    let mut bad = good.clone();
+    let middle = bad.len() / 2;
+    bad[middle] ^= 0x5a;
+    std::fs::write(&path, &bad).unwrap();
+
+    let ws = Workspace::new("");
+    for drivers in ["zstd", "estargz,zstdchunked,nydus"] {
+        let out = ws.convert(&["--driver", drivers, &pushed.reference]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{drivers}: an altered layer must not convert");
+        assert!(err.contains(layer.digest()) && err.contains("corrupted in transit"), "{drivers}: the error should name the layer and the cause:\n{err}");
+        for d in drivers.split(',') {
+            let suffix = if d == "estargz" { "esgz".to_string() } else { d.to_string() };
+            assert_eq!(server.tag_digest("hand/altered", &format!("v1-{suffix}")), None, "{drivers}: nothing may be tagged for {d}");
+        }
+    }
+    // Nothing of the altered content stayed in the store: once the registry serves the right
+    // bytes again, the same workspace pulls the layer and converts it.
+    std::fs::write(&path, &good).unwrap();
+    let out = ws.convert(&["--driver", "zstd", &pushed.reference]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains(&format!("pulled layer {}", layer.digest())), "the layer is pulled again:\n{err}");
+}

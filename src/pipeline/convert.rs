@@ -1,7 +1,12 @@
-//! One conversion of one source image into one or more target formats: the source is pulled
-//! once into the store, each layer is decoded once and converted by every driver at the same
-//! time, and the targets are pushed concurrently.
+//! One conversion of one source image into one or more target formats. Manifests and configs
+//! are fetched first; then each layer is pulled once, streamed into the store and, while it
+//! arrives, decoded once and converted by every driver at the same time. Each converted layer
+//! is pushed as soon as it is done, while later layers are still being pulled and converted;
+//! the targets' configs and manifests follow, pushed concurrently.
 
+use std::collections::HashSet;
+use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +14,8 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
-use tokio_util::io::SyncIoBridge;
+use tokio::sync::mpsc;
+use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use super::naming::TargetNaming;
 use super::progress::{Progress, Stage};
@@ -18,7 +24,10 @@ use super::fanout::{self, FanoutError};
 use crate::drivers::{compression, ConvertedLayer, Driver, DriverError, DriverKind, ImageDraft, Publication};
 use crate::oci::{annotations, media_types, Descriptor, Digest, ImageIndex, ImageManifest, Platform, PlatformSpec, Reference, ReferenceError};
 use crate::registry::{RegistryClient, RegistryError};
-use crate::store::{Lease, Store, StoreError};
+use crate::store::{BlobReader, Lease, Store, StoreError};
+
+/// Pieces of a layer download queued for the drivers while the store writes them too.
+const STREAM_QUEUE: usize = 16;
 
 /// One target to produce from the source.
 #[derive(Clone)]
@@ -93,7 +102,8 @@ impl ConvertError {
     }
 }
 
-/// A platform image of the source, pulled into the store.
+/// A platform image of the source: manifest and config fetched; its layers are pulled as they
+/// are converted.
 struct SourceImage {
     reference: Reference,
     digest: Digest,
@@ -197,7 +207,6 @@ impl Converter {
                 why: format!("manifest media type {}", top.media_type),
             });
         };
-        self.progress.stage(Stage::Pulled, source);
         let source_size = top.bytes.len() as u64
             + if index.is_some() { images.iter().map(|i| i.manifest_size).sum::<u64>() } else { 0 }
             + images.iter().map(image_blob_size).sum::<u64>();
@@ -205,21 +214,33 @@ impl Converter {
         // Every target is named before any work, so a bad name fails fast.
         let target_refs = req.conversions.iter().map(|c| c.naming.target_for(source)).collect::<Result<Vec<_>, _>>()?;
         let drivers: Vec<Arc<dyn Driver>> = req.conversions.iter().map(|c| c.driver.clone()).collect();
-        self.progress.stage(Stage::Converting, source);
-        let mut converted: Vec<Vec<TargetImage>> = drivers.iter().map(|_| Vec::new()).collect();
-        for image in &images {
-            for (k, target) in self.convert_image(source, image, &drivers, lease).await?.into_iter().enumerate() {
-                converted[k].push(target);
-            }
+        let mounts: Vec<Option<&Reference>> = target_refs.iter().map(|t| mount_source(source, t)).collect();
+        let pulls = LayerPulls { source, remaining: AtomicUsize::new(images.iter().map(|i| i.manifest.layers.len()).sum()) };
+        if pulls.remaining.load(Ordering::Relaxed) == 0 {
+            self.progress.stage(Stage::Pulled, source);
         }
+        self.progress.stage(Stage::Converting, source);
+        // Converted layers go to their targets while the next layers are pulled and converted.
+        let (early_tx, early_rx) = mpsc::unbounded_channel::<(usize, Descriptor)>();
+        let conversions = async {
+            let early_tx = early_tx;
+            let mut converted: Vec<Vec<TargetImage>> = drivers.iter().map(|_| Vec::new()).collect();
+            for image in &images {
+                for (k, target) in self.convert_image(image, &drivers, &pulls, &early_tx, lease).await?.into_iter().enumerate() {
+                    converted[k].push(target);
+                }
+            }
+            Ok::<_, ConvertError>(converted)
+        };
+        let (converted, pushed) = futures::try_join!(conversions, self.push_early(early_rx, &target_refs, &mounts))?;
         let top_desc = Descriptor::new(&top.media_type, top.digest.clone(), top.bytes.len() as u64);
-        let pushes = req.conversions.iter().zip(&target_refs).zip(converted).map(|((conv, target_ref), images)| {
+        let pushes = req.conversions.iter().zip(&target_refs).zip(converted).zip(&pushed).map(|(((conv, target_ref), images), pushed)| {
             let index = index.as_ref();
             let top_desc = &top_desc;
             async move {
                 self.progress.stage(Stage::Converted, target_ref);
                 self.progress.stage(Stage::Pushing, target_ref);
-                let result = self.push_target(source, top_desc, target_ref, conv, images, index, lease).await?;
+                let result = self.push_target(source, top_desc, target_ref, conv, images, index, pushed, lease).await?;
                 self.progress.stage(Stage::Pushed, &result.reference);
                 Ok::<_, ConvertError>(result)
             }
@@ -256,22 +277,8 @@ impl Converter {
                 });
             }
         }
-        let mut blobs = vec![manifest.config.clone()];
-        blobs.extend(manifest.layers.iter().cloned());
-        self.progress.add_steps(manifest.layers.len() as u64);
-        // Owned items: closures over borrowed ones make the future's Send-ness unprovable.
-        futures::stream::iter(blobs.into_iter().enumerate())
-            .map(|(i, d)| async move {
-                let pulled = self.pull_blob(source, &d, lease).await?;
-                if i > 0 {
-                    let how = if pulled { "pulled layer" } else { "layer already in the store:" };
-                    self.progress.step_done(&format!("{how} {} ({})", d.digest, human(d.size)));
-                }
-                Ok::<_, ConvertError>(())
-            })
-            .buffer_unordered(self.transfer_jobs)
-            .try_collect::<()>()
-            .await?;
+        // The layers are pulled while they are converted (`convert_layer`).
+        self.pull_blob(source, &manifest.config, lease).await?;
         let config_bytes = self.read_small(&manifest.config.digest).await?;
         let config: serde_json::Value = parse_json(&config_bytes, &reference)?;
         let diff_ids = config.pointer("/rootfs/diff_ids").and_then(|v| v.as_array()).map(|v| v.len());
@@ -340,13 +347,16 @@ impl Converter {
 
     /// Converts one platform image with every driver: each layer is decoded once for all of
     /// them. Returns one target image per driver, in driver order.
+    /// Converted layers are sent to `early` (driver index, blob) as soon as they are stored.
     async fn convert_image(
         &self,
-        source: &Reference,
         image: &SourceImage,
         drivers: &[Arc<dyn Driver>],
+        pulls: &LayerPulls<'_>,
+        early: &mpsc::UnboundedSender<(usize, Descriptor)>,
         lease: &Lease,
     ) -> Result<Vec<TargetImage>, ConvertError> {
+        let source = pulls.source;
         let layers = &image.manifest.layers;
         self.progress.add_steps(layers.len() as u64);
         let diff_ids: Vec<Option<Digest>> = (0..layers.len())
@@ -354,9 +364,16 @@ impl Converter {
             .collect();
         let per_layer: Vec<Vec<ConvertedLayer>> = futures::stream::iter(layers.iter().cloned().zip(diff_ids))
             .map(|(layer, diff_id)| async move {
-                let out = self.convert_layer(image, &layer, diff_id, drivers, lease).await?;
+                let out = self.convert_layer(image, &layer, diff_id, drivers, pulls, lease).await?;
                 let sizes: Vec<String> = drivers.iter().zip(&out).map(|(d, l)| format!("{} {}", d.kind(), human(l.descriptor.size))).collect();
                 self.progress.step_done(&format!("converted layer {} ({} -> {})", layer.digest, human(layer.size), sizes.join(", ")));
+                for (k, converted) in out.iter().enumerate() {
+                    // An empty output is no blob (a Nydus driver leaves such layers out).
+                    if converted.descriptor.size > 0 {
+                        // The receiver lives as long as the conversion; a send cannot fail before.
+                        let _ = early.send((k, converted.descriptor.clone()));
+                    }
+                }
                 Ok::<_, ConvertError>(out)
             })
             .buffered(self.layer_jobs)
@@ -431,16 +448,104 @@ impl Converter {
     }
 
     /// Converts one source layer with every driver at once, from one decoding of it, and
-    /// checks the decoded stream against the config's diff_id.
+    /// checks the decoded stream against the config's diff_id. A layer missing from the store
+    /// is pulled into it and converted as it arrives; the drivers see the end of the stream
+    /// only once the store has checked the blob's digest. When that pull breaks off, the layer
+    /// is pulled again in full (with retries) and converted from the store.
     async fn convert_layer(
         &self,
         image: &SourceImage,
         layer: &Descriptor,
         expected_diff_id: Option<Digest>,
         drivers: &[Arc<dyn Driver>],
+        pulls: &LayerPulls<'_>,
         lease: &Lease,
     ) -> Result<Vec<ConvertedLayer>, ConvertError> {
-        let reader = self.store.reader(&layer.digest).await?;
+        lease.add(&layer.digest).await?;
+        if self.store.has(&layer.digest).await?.is_some() {
+            self.layer_pulled(pulls, layer, false);
+            let reader = self.store.reader(&layer.digest).await?;
+            return self.convert_stream(image, layer, expected_diff_id, drivers, reader, lease).await;
+        }
+        let (feed, pieces) = futures::channel::mpsc::channel::<io::Result<Bytes>>(STREAM_QUEUE);
+        let input: BlobReader = Box::new(StreamReader::new(pieces));
+        let (pulled, converted) = futures::join!(
+            self.pull_and_feed(pulls.source, layer, feed, lease),
+            self.convert_stream(image, layer, expected_diff_id.clone(), drivers, input, lease)
+        );
+        match pulled {
+            Ok(()) => {
+                self.layer_pulled(pulls, layer, true);
+                converted
+            }
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(digest = %layer.digest, "pulling the layer while converting it broke off ({e}); pulling it again before converting it");
+                self.pull_blob(pulls.source, layer, lease).await?;
+                self.layer_pulled(pulls, layer, true);
+                let reader = self.store.reader(&layer.digest).await?;
+                self.convert_stream(image, layer, expected_diff_id, drivers, reader, lease).await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn layer_pulled(&self, pulls: &LayerPulls<'_>, layer: &Descriptor, pulled: bool) {
+        self.progress.add_steps(1);
+        let how = if pulled { "pulled layer" } else { "layer already in the store:" };
+        self.progress.step_done(&format!("{how} {} ({})", layer.digest, human(layer.size)));
+        if pulls.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.progress.stage(Stage::Pulled, pulls.source);
+        }
+    }
+
+    /// One pull of a blob into the store, each piece also sent to `feed`. The feed ends after
+    /// the store has committed the blob under its digest, or with an error saying why not;
+    /// when its reader goes away early, the blob is still pulled and stored.
+    async fn pull_and_feed(
+        &self,
+        source: &Reference,
+        d: &Descriptor,
+        mut feed: futures::channel::mpsc::Sender<io::Result<Bytes>>,
+        lease: &Lease,
+    ) -> Result<(), ConvertError> {
+        use futures::SinkExt;
+        let action = format!("pull blob {} of {}", d.digest, source.name());
+        let result: Result<(), ConvertError> = async {
+            let mut blob = self
+                .registry
+                .get_blob(source, &d.digest)
+                .await
+                .map_err(|e| ConvertError::Registry { action: action.clone(), source: e })?;
+            let mut w = self.store.writer(lease).await?;
+            let mut feeding = true;
+            while let Some(piece) = blob.stream.next().await {
+                let piece = piece.map_err(|e| ConvertError::Registry { action: action.clone(), source: e })?;
+                w.write_all(&piece).await.map_err(|e| StoreError::Io { path: "ingest".into(), source: e })?;
+                if feeding && feed.send(Ok(piece)).await.is_err() {
+                    feeding = false;
+                }
+            }
+            w.commit(Some(&d.digest)).await?;
+            Ok(())
+        }
+        .await;
+        if let Err(e) = &result {
+            // The drivers must not take a cut or unverified stream for a whole layer.
+            let _ = feed.send(Err(io::Error::other(e.to_string()))).await;
+        }
+        result
+    }
+
+    /// Converts one layer, read from `input`, with every driver (see `convert_layer`).
+    async fn convert_stream(
+        &self,
+        image: &SourceImage,
+        layer: &Descriptor,
+        expected_diff_id: Option<Digest>,
+        drivers: &[Arc<dyn Driver>],
+        reader: BlobReader,
+        lease: &Lease,
+    ) -> Result<Vec<ConvertedLayer>, ConvertError> {
         let mut writers = Vec::with_capacity(drivers.len());
         for _ in drivers {
             // The bridges block on the runtime from the blocking pool, never from executor threads.
@@ -499,13 +604,15 @@ impl Converter {
         conv: &Conversion,
         images: Vec<TargetImage>,
         index: Option<&ImageIndex>,
+        pushed: &HashSet<Digest>,
         lease: &Lease,
     ) -> Result<TargetResult, ConvertError> {
         let source_digest = &source_top.digest;
-        let mount_from = (source.registry() == target.registry() && source.repository() != target.repository()).then_some(source);
+        let mount_from = mount_source(source, target);
         let publication = conv.driver.publication();
         for image in &images {
-            self.push_blobs(target, &image.blobs, mount_from).await?;
+            let rest: Vec<Descriptor> = image.blobs.iter().filter(|b| !pushed.contains(&b.digest)).cloned().collect();
+            self.push_blobs(target, &rest, mount_from).await?;
         }
         if let Publication::MergedIndex { artifact_type, os_feature } = publication {
             return self.push_merged_index(source_top, target, conv, images, index, mount_from, artifact_type, os_feature, lease).await;
@@ -555,6 +662,30 @@ impl Converter {
         let digest = self.put_manifest(target, media_types::OCI_INDEX, bytes).await?;
         self.store.register_image(target, &Descriptor::new(media_types::OCI_INDEX, digest.clone(), top_size)).await?;
         Ok(TargetResult { driver: driver.kind(), reference: target.clone(), digest, media_type: media_types::OCI_INDEX.into(), size, platforms })
+    }
+
+    /// Pushes the converted layers sent on `early` (driver index, blob) to that driver's target
+    /// as they come, until the sender is dropped. Returns, per driver, the blobs pushed.
+    async fn push_early(
+        &self,
+        early: mpsc::UnboundedReceiver<(usize, Descriptor)>,
+        targets: &[Reference],
+        mounts: &[Option<&Reference>],
+    ) -> Result<Vec<HashSet<Digest>>, ConvertError> {
+        let mut pushed: Vec<HashSet<Digest>> = targets.iter().map(|_| HashSet::new()).collect();
+        let incoming = futures::stream::unfold(early, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+        incoming
+            .filter(|(k, b)| futures::future::ready(pushed[*k].insert(b.digest.clone())))
+            .map(|(k, b)| async move {
+                self.progress.add_steps(1);
+                self.push_blob(&targets[k], &b, mounts[k]).await?;
+                self.progress.step_done(&format!("pushed blob {} ({})", b.digest, human(b.size)));
+                Ok::<_, ConvertError>(())
+            })
+            .buffer_unordered(self.transfer_jobs)
+            .try_collect::<()>()
+            .await?;
+        Ok(pushed)
     }
 
     async fn push_blobs(&self, target: &Reference, blobs: &[Descriptor], mount_from: Option<&Reference>) -> Result<(), ConvertError> {
@@ -677,6 +808,18 @@ impl Converter {
             }
         }
     }
+}
+
+/// The layers of one conversion still to be pulled (or found in the store), across its images.
+struct LayerPulls<'a> {
+    source: &'a Reference,
+    remaining: AtomicUsize,
+}
+
+/// Where a target's blobs can be mounted from: the source, when it is another repository of
+/// the same registry.
+fn mount_source<'a>(source: &'a Reference, target: &Reference) -> Option<&'a Reference> {
+    (source.registry() == target.registry() && source.repository() != target.repository()).then_some(source)
 }
 
 fn backoff(attempt: u32) -> Duration {
