@@ -493,25 +493,32 @@ fn several_formats_decode_each_source_layer_once() {
 }
 
 /// A TCP proxy in front of a registry on loopback that passes everything through, except
-/// that the answer to the first `GET <path>` is cut off after `after` bytes (headers
-/// included) by closing the connection. Counts the `GET <path>` requests it forwards.
+/// that, for each `(path, after)` in `cuts`, the answer to the first `GET <path>` is cut off
+/// after `after` bytes (headers included) by closing the connection. Counts the `GET`s of
+/// those paths it forwards.
 struct CuttingProxy {
     port: u16,
-    gets: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    gets: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
 }
 
 impl CuttingProxy {
-    fn start(upstream: u16, path: &str, after: u64) -> CuttingProxy {
+    fn gets(&self, path: &str) -> usize {
+        self.gets.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+
+    fn start(upstream: u16, cuts: &[(String, u64)]) -> CuttingProxy {
         use std::io::Write;
         use std::net::{Shutdown, TcpListener, TcpStream};
-        use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-        use std::sync::Arc;
+        use std::collections::HashMap;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::{Arc, Mutex};
 
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let gets = Arc::new(AtomicUsize::new(0));
-        let armed = Arc::new(AtomicBool::new(true));
-        let needle = format!("GET {path} ").into_bytes();
+        let gets = Arc::new(Mutex::new(HashMap::new()));
+        // Cuts still to make, by path.
+        let armed: Arc<Mutex<HashMap<String, u64>>> = Arc::new(Mutex::new(cuts.iter().cloned().collect()));
+        let paths: Arc<Vec<String>> = Arc::new(cuts.iter().map(|(p, _)| p.clone()).collect());
         let counter = gets.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming() {
@@ -522,7 +529,7 @@ impl CuttingProxy {
                 let cut_at = Arc::new(AtomicU64::new(u64::MAX));
                 {
                     let (mut from, mut to) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                    let (sent, cut_at, armed, counter, needle) = (sent.clone(), cut_at.clone(), armed.clone(), counter.clone(), needle.clone());
+                    let (sent, cut_at, armed, counter, paths) = (sent.clone(), cut_at.clone(), armed.clone(), counter.clone(), paths.clone());
                     std::thread::spawn(move || {
                         let mut buf = vec![0u8; 64 << 10];
                         loop {
@@ -530,10 +537,13 @@ impl CuttingProxy {
                                 Ok(0) | Err(_) => break,
                                 Ok(n) => n,
                             };
-                            if buf[..n].windows(needle.len()).any(|w| w == needle.as_slice()) {
-                                counter.fetch_add(1, Ordering::SeqCst);
-                                if armed.swap(false, Ordering::SeqCst) {
-                                    cut_at.store(sent.load(Ordering::SeqCst) + after, Ordering::SeqCst);
+                            for path in paths.iter() {
+                                let needle = format!("GET {path} ").into_bytes();
+                                if buf[..n].windows(needle.len()).any(|w| w == needle.as_slice()) {
+                                    *counter.lock().unwrap().entry(path.clone()).or_insert(0) += 1;
+                                    if let Some(after) = armed.lock().unwrap().remove(path) {
+                                        cut_at.store(sent.load(Ordering::SeqCst) + after, Ordering::SeqCst);
+                                    }
                                 }
                             }
                             if to.write_all(&buf[..n]).is_err() {
@@ -574,18 +584,29 @@ impl CuttingProxy {
 fn a_layer_pull_that_breaks_off_while_converting_is_pulled_again() {
     let server = RegistryServer::start(RegistryAuth::None);
     let pushed = handmade_image().build().push(&server.host(), "hand/cut:v1");
-    let layer = pushed.layers().iter().max_by_key(|l| l.descriptor.size).unwrap().clone();
-    assert!(layer.descriptor.size > 8 << 10, "the layer is too small to cut in the middle");
-    let path = format!("/v2/hand/cut/blobs/{}", layer.digest());
-    let proxy = CuttingProxy::start(server.port, &path, layer.descriptor.size / 2);
+    let layers = pushed.layers();
+    assert!(layers.len() >= 3, "the image needs layers beyond the two converted first");
+    // The first layer is pulled by its conversion as it converts; the last is fetched into the
+    // store ahead of its conversion. Both downloads break off halfway.
+    let (streamed, ahead) = (&layers[0], &layers[layers.len() - 1]);
+    assert!(streamed.descriptor.size > 8 << 10, "the first layer is too small to cut in the middle");
+    let path = |l: &Layer| format!("/v2/hand/cut/blobs/{}", l.digest());
+    let proxy = CuttingProxy::start(
+        server.port,
+        &[(path(streamed), streamed.descriptor.size / 2), (path(ahead), ahead.descriptor.size / 2)],
+    );
     let through_proxy = format!("127.0.0.1:{}/hand/cut:v1", proxy.port);
 
     let ws = Workspace::new("");
     let out = ws.convert(&["--output", "json", "--driver", "estargz,zstdchunked,zstd", &through_proxy]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "the conversion should survive a broken pull:\n{err}");
-    assert_eq!(proxy.gets.load(std::sync::atomic::Ordering::SeqCst), 2, "the cut layer is fetched again, once:\n{err}");
-    assert!(err.contains("broke off") && err.contains(layer.digest()), "the log should say which pull broke off:\n{err}");
+    assert!(out.status.success(), "the conversion should survive broken pulls:\n{err}");
+    for l in [streamed, ahead] {
+        assert_eq!(proxy.gets(&path(l)), 2, "layer {} is fetched again, once:\n{err}", l.digest());
+    }
+    let said = |what: &str, l: &Layer| err.lines().any(|line| line.contains(what) && line.contains(l.digest()));
+    assert!(said("broke off", streamed), "the log should say which pull broke off while converting:\n{err}");
+    assert!(said("retrying after", ahead), "the layer fetched ahead should be fetched again by its own retry:\n{err}");
     let cut: Value = serde_json::from_slice(&out.stdout).unwrap();
 
     // The same conversion with nothing in the way gives the same images.

@@ -4,17 +4,17 @@
 //! is pushed as soon as it is done, while later layers are still being pulled and converted;
 //! the targets' configs and manifests follow, pushed concurrently.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use super::naming::TargetNaming;
@@ -215,7 +215,7 @@ impl Converter {
         let target_refs = req.conversions.iter().map(|c| c.naming.target_for(source)).collect::<Result<Vec<_>, _>>()?;
         let drivers: Vec<Arc<dyn Driver>> = req.conversions.iter().map(|c| c.driver.clone()).collect();
         let mounts: Vec<Option<&Reference>> = target_refs.iter().map(|t| mount_source(source, t)).collect();
-        let pulls = LayerPulls { source, remaining: AtomicUsize::new(images.iter().map(|i| i.manifest.layers.len()).sum()) };
+        let pulls = LayerPulls::new(source, images.iter().map(|i| i.manifest.layers.len()).sum());
         if pulls.remaining.load(Ordering::Relaxed) == 0 {
             self.progress.stage(Stage::Pulled, source);
         }
@@ -362,7 +362,7 @@ impl Converter {
         let diff_ids: Vec<Option<Digest>> = (0..layers.len())
             .map(|i| image.config.pointer(&format!("/rootfs/diff_ids/{i}")).and_then(|v| v.as_str()).and_then(|s| s.parse().ok()))
             .collect();
-        let per_layer: Vec<Vec<ConvertedLayer>> = futures::stream::iter(layers.iter().cloned().zip(diff_ids))
+        let conversions = futures::stream::iter(layers.iter().cloned().zip(diff_ids))
             .map(|(layer, diff_id)| async move {
                 let out = self.convert_layer(image, &layer, diff_id, drivers, pulls, lease).await?;
                 let sizes: Vec<String> = drivers.iter().zip(&out).map(|(d, l)| format!("{} {}", d.kind(), human(l.descriptor.size))).collect();
@@ -377,8 +377,14 @@ impl Converter {
                 Ok::<_, ConvertError>(out)
             })
             .buffered(self.layer_jobs)
-            .try_collect()
-            .await?;
+            .try_collect::<Vec<Vec<ConvertedLayer>>>();
+        // The first layers are pulled by their conversions; the next ones are fetched into the
+        // store meanwhile, so the transfers stay busy however many layers there are.
+        let ahead = layers.iter().skip(self.layer_jobs).cloned().collect::<Vec<_>>();
+        let (per_layer, ()) = futures::try_join!(conversions, async {
+            self.prefetch(ahead, pulls, lease).await;
+            Ok::<(), ConvertError>(())
+        })?;
         let mut per_driver: Vec<Vec<ConvertedLayer>> = drivers.iter().map(|_| Vec::with_capacity(layers.len())).collect();
         for layer in per_layer {
             for (k, converted) in layer.into_iter().enumerate() {
@@ -462,11 +468,21 @@ impl Converter {
         lease: &Lease,
     ) -> Result<Vec<ConvertedLayer>, ConvertError> {
         lease.add(&layer.digest).await?;
-        if self.store.has(&layer.digest).await?.is_some() {
-            self.layer_pulled(pulls, layer, false);
-            let reader = self.store.reader(&layer.digest).await?;
-            return self.convert_stream(image, layer, expected_diff_id, drivers, reader, lease).await;
-        }
+        let _turn = loop {
+            if self.store.has(&layer.digest).await?.is_some() {
+                self.layer_pulled(pulls, layer);
+                let reader = self.store.reader(&layer.digest).await?;
+                return self.convert_stream(image, layer, expected_diff_id, drivers, reader, lease).await;
+            }
+            match pulls.claim(&layer.digest) {
+                Claim::Mine(turn) => break turn,
+                // Being fetched ahead, or by the conversion of the same layer in another image
+                // slot: wait for that to end, then take it from the store (or pull it here).
+                Claim::Wait(mut done) => {
+                    let _ = done.changed().await;
+                }
+            }
+        };
         let (feed, pieces) = futures::channel::mpsc::channel::<io::Result<Bytes>>(STREAM_QUEUE);
         let input: BlobReader = Box::new(StreamReader::new(pieces));
         let (pulled, converted) = futures::join!(
@@ -475,13 +491,15 @@ impl Converter {
         );
         match pulled {
             Ok(()) => {
-                self.layer_pulled(pulls, layer, true);
+                pulls.pulled(&layer.digest);
+                self.layer_pulled(pulls, layer);
                 converted
             }
             Err(e) if e.is_retryable() => {
                 tracing::warn!(digest = %layer.digest, "pulling the layer while converting it broke off ({e}); pulling it again before converting it");
                 self.pull_blob(pulls.source, layer, lease).await?;
-                self.layer_pulled(pulls, layer, true);
+                pulls.pulled(&layer.digest);
+                self.layer_pulled(pulls, layer);
                 let reader = self.store.reader(&layer.digest).await?;
                 self.convert_stream(image, layer, expected_diff_id, drivers, reader, lease).await
             }
@@ -489,9 +507,28 @@ impl Converter {
         }
     }
 
-    fn layer_pulled(&self, pulls: &LayerPulls<'_>, layer: &Descriptor, pulled: bool) {
+    /// Fetches `layers` into the store, a few at a time, skipping those present or already
+    /// being fetched. A failure is left to the layer's conversion, which pulls it again and
+    /// reports it.
+    async fn prefetch(&self, layers: Vec<Descriptor>, pulls: &LayerPulls<'_>, lease: &Lease) {
+        let jobs = self.transfer_jobs.saturating_sub(self.layer_jobs).max(1);
+        futures::stream::iter(layers)
+            .for_each_concurrent(jobs, |layer| async move {
+                if lease.add(&layer.digest).await.is_err() || !matches!(self.store.has(&layer.digest).await, Ok(None)) {
+                    return;
+                }
+                let Claim::Mine(_turn) = pulls.claim(&layer.digest) else { return };
+                match self.pull_blob(pulls.source, &layer, lease).await {
+                    Ok(_) => pulls.pulled(&layer.digest),
+                    Err(e) => tracing::debug!(digest = %layer.digest, "fetching a layer ahead of its conversion failed: {e}"),
+                }
+            })
+            .await;
+    }
+
+    fn layer_pulled(&self, pulls: &LayerPulls<'_>, layer: &Descriptor) {
         self.progress.add_steps(1);
-        let how = if pulled { "pulled layer" } else { "layer already in the store:" };
+        let how = if pulls.was_pulled(&layer.digest) { "pulled layer" } else { "layer already in the store:" };
         self.progress.step_done(&format!("{how} {} ({})", layer.digest, human(layer.size)));
         if pulls.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.progress.stage(Stage::Pulled, pulls.source);
@@ -810,10 +847,50 @@ impl Converter {
     }
 }
 
-/// The layers of one conversion still to be pulled (or found in the store), across its images.
+/// The layer transfers of one conversion, across its images.
 struct LayerPulls<'a> {
     source: &'a Reference,
+    /// Layers not yet pulled or found in the store.
     remaining: AtomicUsize,
+    /// Layers being pulled: whoever claimed one holds its sender, and dropping it wakes those
+    /// waiting for it.
+    claims: Mutex<HashMap<Digest, watch::Receiver<()>>>,
+    /// Layers this conversion pulled (as opposed to found in the store).
+    pulled: Mutex<HashSet<Digest>>,
+}
+
+enum Claim {
+    /// The caller pulls the layer; others wait until this is dropped.
+    Mine(#[allow(dead_code)] watch::Sender<()>),
+    /// Someone else is pulling it; `changed()` returns once they are done.
+    Wait(watch::Receiver<()>),
+}
+
+impl<'a> LayerPulls<'a> {
+    fn new(source: &'a Reference, layers: usize) -> Self {
+        LayerPulls { source, remaining: AtomicUsize::new(layers), claims: Mutex::default(), pulled: Mutex::default() }
+    }
+
+    fn claim(&self, d: &Digest) -> Claim {
+        let mut claims = self.claims.lock().unwrap();
+        if let Some(rx) = claims.get(d) {
+            // Err once the claimer's sender is gone, i.e. that pull has ended.
+            if rx.has_changed().is_ok() {
+                return Claim::Wait(rx.clone());
+            }
+        }
+        let (tx, rx) = watch::channel(());
+        claims.insert(d.clone(), rx);
+        Claim::Mine(tx)
+    }
+
+    fn pulled(&self, d: &Digest) {
+        self.pulled.lock().unwrap().insert(d.clone());
+    }
+
+    fn was_pulled(&self, d: &Digest) -> bool {
+        self.pulled.lock().unwrap().contains(d)
+    }
 }
 
 /// Where a target's blobs can be mounted from: the source, when it is another repository of
