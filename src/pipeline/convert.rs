@@ -1,6 +1,7 @@
 //! One conversion of one source image into one or more target formats. Manifests and configs
 //! are fetched first; then each layer is pulled once, streamed into the store and, while it
-//! arrives, decoded once and converted by every driver at the same time. Each converted layer
+//! arrives, decoded once and converted by every driver at the same time (layers beyond those
+//! being converted are fetched into the store meanwhile). Each converted layer
 //! is pushed as soon as it is done, while later layers are still being pulled and converted;
 //! the targets' configs and manifests follow, pushed concurrently.
 
