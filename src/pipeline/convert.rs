@@ -302,26 +302,10 @@ impl Converter {
         if self.store.has(&d.digest).await?.is_some() {
             return Ok(false);
         }
-        let action = format!("pull blob {} of {}", d.digest, source.name());
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let result: Result<(), ConvertError> = async {
-                let mut blob = self
-                    .registry
-                    .get_blob(source, &d.digest)
-                    .await
-                    .map_err(|e| ConvertError::Registry { action: action.clone(), source: e })?;
-                let mut w = self.store.writer(lease).await?;
-                while let Some(chunk) = blob.stream.next().await {
-                    let chunk = chunk.map_err(|e| ConvertError::Registry { action: action.clone(), source: e })?;
-                    w.write_all(&chunk).await.map_err(|e| StoreError::Io { path: "ingest".into(), source: e })?;
-                }
-                w.commit(Some(&d.digest)).await?;
-                Ok(())
-            }
-            .await;
-            match result {
+            match self.pull_once(source, d, None, lease).await {
                 Err(e) if e.is_retryable() && attempt < RETRIES => {
                     tracing::warn!(digest = %d.digest, attempt, "retrying after: {e}");
                     tokio::time::sleep(backoff(attempt)).await;
@@ -547,31 +531,38 @@ impl Converter {
         lease: &Lease,
     ) -> Result<(), ConvertError> {
         use futures::SinkExt;
-        let action = format!("pull blob {} of {}", d.digest, source.name());
-        let result: Result<(), ConvertError> = async {
-            let mut blob = self
-                .registry
-                .get_blob(source, &d.digest)
-                .await
-                .map_err(|e| ConvertError::Registry { action: action.clone(), source: e })?;
-            let mut w = self.store.writer(lease).await?;
-            let mut feeding = true;
-            while let Some(piece) = blob.stream.next().await {
-                let piece = piece.map_err(|e| ConvertError::Registry { action: action.clone(), source: e })?;
-                w.write_all(&piece).await.map_err(|e| StoreError::Io { path: "ingest".into(), source: e })?;
-                if feeding && feed.send(Ok(piece)).await.is_err() {
-                    feeding = false;
-                }
-            }
-            w.commit(Some(&d.digest)).await?;
-            Ok(())
-        }
-        .await;
+        let result = self.pull_once(source, d, Some(&mut feed), lease).await;
         if let Err(e) = &result {
             // The drivers must not take a cut or unverified stream for a whole layer.
             let _ = feed.send(Err(io::Error::other(e.to_string()))).await;
         }
         result
+    }
+
+    /// One download of a blob into the store, committed under its digest; each piece is also
+    /// sent to `feed` while its reader is there.
+    async fn pull_once(
+        &self,
+        source: &Reference,
+        d: &Descriptor,
+        mut feed: Option<&mut futures::channel::mpsc::Sender<io::Result<Bytes>>>,
+        lease: &Lease,
+    ) -> Result<(), ConvertError> {
+        use futures::SinkExt;
+        let action = || format!("pull blob {} of {}", d.digest, source.name());
+        let mut blob = self.registry.get_blob(source, &d.digest).await.map_err(|e| ConvertError::Registry { action: action(), source: e })?;
+        let mut w = self.store.writer(lease).await?;
+        while let Some(piece) = blob.stream.next().await {
+            let piece = piece.map_err(|e| ConvertError::Registry { action: action(), source: e })?;
+            w.write_all(&piece).await.map_err(|e| StoreError::Io { path: "ingest".into(), source: e })?;
+            if let Some(f) = feed.as_deref_mut() {
+                if f.send(Ok(piece)).await.is_err() {
+                    feed = None;
+                }
+            }
+        }
+        w.commit(Some(&d.digest)).await?;
+        Ok(())
     }
 
     /// Converts one layer, read from `input`, with every driver (see `convert_layer`).
