@@ -507,9 +507,8 @@ impl CuttingProxy {
     }
 
     fn start(upstream: u16, cuts: &[(String, u64)]) -> CuttingProxy {
-        use std::io::Write;
-        use std::net::{Shutdown, TcpListener, TcpStream};
         use std::collections::HashMap;
+        use std::net::{TcpListener, TcpStream};
         use std::sync::atomic::{AtomicU64, Ordering};
         use std::sync::{Arc, Mutex};
 
@@ -527,57 +526,53 @@ impl CuttingProxy {
                 // Bytes of answers sent on this connection, and where to stop.
                 let sent = Arc::new(AtomicU64::new(0));
                 let cut_at = Arc::new(AtomicU64::new(u64::MAX));
-                {
-                    let (mut from, mut to) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                    let (sent, cut_at, armed, counter, paths) = (sent.clone(), cut_at.clone(), armed.clone(), counter.clone(), paths.clone());
-                    std::thread::spawn(move || {
-                        let mut buf = vec![0u8; 64 << 10];
-                        loop {
-                            let n = match from.read(&mut buf) {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => n,
-                            };
-                            for path in paths.iter() {
-                                let needle = format!("GET {path} ").into_bytes();
-                                if buf[..n].windows(needle.len()).any(|w| w == needle.as_slice()) {
-                                    *counter.lock().unwrap().entry(path.clone()).or_insert(0) += 1;
-                                    if let Some(after) = armed.lock().unwrap().remove(path) {
-                                        cut_at.store(sent.load(Ordering::SeqCst) + after, Ordering::SeqCst);
-                                    }
-                                }
+                let (armed, counter, paths, answered, cut) = (armed.clone(), counter.clone(), paths.clone(), sent.clone(), cut_at.clone());
+                pump(client.try_clone().unwrap(), server.try_clone().unwrap(), move |piece| {
+                    for path in paths.iter() {
+                        let needle = format!("GET {path} ").into_bytes();
+                        if piece.windows(needle.len()).any(|w| w == needle.as_slice()) {
+                            *counter.lock().unwrap().entry(path.clone()).or_insert(0) += 1;
+                            if let Some(after) = armed.lock().unwrap().remove(path) {
+                                cut.store(answered.load(Ordering::SeqCst) + after, Ordering::SeqCst);
                             }
-                            if to.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                        let _ = to.shutdown(Shutdown::Write);
-                    });
-                }
-                let (mut from, mut to) = (server, client);
-                std::thread::spawn(move || {
-                    let mut buf = vec![0u8; 64 << 10];
-                    loop {
-                        let n = match from.read(&mut buf) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => n,
-                        };
-                        let room = cut_at.load(Ordering::SeqCst).saturating_sub(sent.load(Ordering::SeqCst));
-                        let pass = (n as u64).min(room) as usize;
-                        if to.write_all(&buf[..pass]).is_err() {
-                            break;
-                        }
-                        sent.fetch_add(pass as u64, Ordering::SeqCst);
-                        if pass < n {
-                            break;
                         }
                     }
-                    let _ = to.shutdown(Shutdown::Both);
-                    let _ = from.shutdown(Shutdown::Both);
+                    piece.len()
+                });
+                pump(server, client, move |piece| {
+                    let room = cut_at.load(Ordering::SeqCst).saturating_sub(sent.load(Ordering::SeqCst));
+                    let pass = (piece.len() as u64).min(room);
+                    sent.fetch_add(pass, Ordering::SeqCst);
+                    pass as usize
                 });
             }
         });
         CuttingProxy { port, gets }
     }
+}
+
+/// Copies `from` to `to` on a thread, piece by piece; `pass` says how many bytes of each piece
+/// go through. Passing fewer than all cuts both connections; the end of `from` ends `to`'s
+/// writing side.
+fn pump(mut from: std::net::TcpStream, mut to: std::net::TcpStream, mut pass: impl FnMut(&[u8]) -> usize + Send + 'static) {
+    use std::io::Write;
+    use std::net::Shutdown;
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let k = pass(&buf[..n]);
+            if to.write_all(&buf[..k]).is_err() || k < n {
+                let _ = from.shutdown(Shutdown::Both);
+                let _ = to.shutdown(Shutdown::Both);
+                return;
+            }
+        }
+        let _ = to.shutdown(Shutdown::Write);
+    });
 }
 
 #[test]
