@@ -296,12 +296,18 @@ impl Converter {
         Ok(SourceImage { reference, digest, entry, manifest, manifest_size: bytes.len() as u64, manifest_bytes: bytes, config })
     }
 
-    /// Makes a blob of the source present in the store; false when it already was.
-    async fn pull_blob(&self, source: &Reference, d: &Descriptor, lease: &Lease) -> Result<bool, ConvertError> {
+    /// Makes a blob of the source present in the store.
+    async fn pull_blob(&self, source: &Reference, d: &Descriptor, lease: &Lease) -> Result<(), ConvertError> {
         lease.add(&d.digest).await?;
         if self.store.has(&d.digest).await?.is_some() {
-            return Ok(false);
+            return Ok(());
         }
+        self.pull_with_retries(source, d, lease).await
+    }
+
+    /// Pulls a blob into the store, trying again after retryable errors. The caller has added
+    /// it to the lease.
+    async fn pull_with_retries(&self, source: &Reference, d: &Descriptor, lease: &Lease) -> Result<(), ConvertError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -310,7 +316,7 @@ impl Converter {
                     tracing::warn!(digest = %d.digest, attempt, "retrying after: {e}");
                     tokio::time::sleep(backoff(attempt)).await;
                 }
-                other => return other.map(|()| true),
+                other => return other,
             }
         }
     }
@@ -455,7 +461,7 @@ impl Converter {
         lease.add(&layer.digest).await?;
         let _turn = loop {
             if self.store.has(&layer.digest).await?.is_some() {
-                self.layer_pulled(pulls, layer);
+                self.layer_pulled(pulls, layer, false);
                 let reader = self.store.reader(&layer.digest).await?;
                 return self.convert_stream(image, layer, expected_diff_id, drivers, reader, lease).await;
             }
@@ -476,15 +482,13 @@ impl Converter {
         );
         match pulled {
             Ok(()) => {
-                pulls.pulled(&layer.digest);
-                self.layer_pulled(pulls, layer);
+                self.layer_pulled(pulls, layer, true);
                 converted
             }
             Err(e) if e.is_retryable() => {
                 tracing::warn!(digest = %layer.digest, "pulling the layer while converting it broke off ({e}); pulling it again before converting it");
-                self.pull_blob(pulls.source, layer, lease).await?;
-                pulls.pulled(&layer.digest);
-                self.layer_pulled(pulls, layer);
+                self.pull_with_retries(pulls.source, layer, lease).await?;
+                self.layer_pulled(pulls, layer, true);
                 let reader = self.store.reader(&layer.digest).await?;
                 self.convert_stream(image, layer, expected_diff_id, drivers, reader, lease).await
             }
@@ -503,17 +507,20 @@ impl Converter {
                     return;
                 }
                 let Claim::Mine(_turn) = pulls.claim(&layer.digest) else { return };
-                match self.pull_blob(pulls.source, &layer, lease).await {
-                    Ok(_) => pulls.pulled(&layer.digest),
+                match self.pull_with_retries(pulls.source, &layer, lease).await {
+                    Ok(()) => pulls.fetched_ahead(&layer.digest),
                     Err(e) => tracing::debug!(digest = %layer.digest, "fetching a layer ahead of its conversion failed: {e}"),
                 }
             })
             .await;
     }
 
-    fn layer_pulled(&self, pulls: &LayerPulls<'_>, layer: &Descriptor) {
+    /// A layer is in the store for its conversion: pulled by it (`pulled_here`), fetched ahead,
+    /// or there before.
+    fn layer_pulled(&self, pulls: &LayerPulls<'_>, layer: &Descriptor, pulled_here: bool) {
         self.progress.add_steps(1);
-        let how = if pulls.was_pulled(&layer.digest) { "pulled layer" } else { "layer already in the store:" };
+        let pulled = pulled_here || pulls.was_fetched_ahead(&layer.digest);
+        let how = if pulled { "pulled layer" } else { "layer already in the store:" };
         self.progress.step_done(&format!("{how} {} ({})", layer.digest, human(layer.size)));
         if pulls.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.progress.stage(Stage::Pulled, pulls.source);
@@ -847,8 +854,8 @@ struct LayerPulls<'a> {
     /// Layers being pulled: whoever claimed one holds its sender, and dropping it wakes those
     /// waiting for it.
     claims: Mutex<HashMap<Digest, watch::Receiver<()>>>,
-    /// Layers this conversion pulled (as opposed to found in the store).
-    pulled: Mutex<HashSet<Digest>>,
+    /// Layers fetched into the store ahead of their conversion.
+    fetched_ahead: Mutex<HashSet<Digest>>,
 }
 
 enum Claim {
@@ -860,7 +867,7 @@ enum Claim {
 
 impl<'a> LayerPulls<'a> {
     fn new(source: &'a Reference, layers: usize) -> Self {
-        LayerPulls { source, remaining: AtomicUsize::new(layers), claims: Mutex::default(), pulled: Mutex::default() }
+        LayerPulls { source, remaining: AtomicUsize::new(layers), claims: Mutex::default(), fetched_ahead: Mutex::default() }
     }
 
     fn claim(&self, d: &Digest) -> Claim {
@@ -876,12 +883,12 @@ impl<'a> LayerPulls<'a> {
         Claim::Mine(tx)
     }
 
-    fn pulled(&self, d: &Digest) {
-        self.pulled.lock().unwrap().insert(d.clone());
+    fn fetched_ahead(&self, d: &Digest) {
+        self.fetched_ahead.lock().unwrap().insert(d.clone());
     }
 
-    fn was_pulled(&self, d: &Digest) -> bool {
-        self.pulled.lock().unwrap().contains(d)
+    fn was_fetched_ahead(&self, d: &Digest) -> bool {
+        self.fetched_ahead.lock().unwrap().contains(d)
     }
 }
 
