@@ -443,7 +443,14 @@ pipelines:
     let r = results.wait_for(&format!("{}@{}", big.reference, big.digest), Duration::from_secs(600), log).await;
     assert_eq!(r["data"]["status"], "COMPLETED", "{r}");
     let mut consumer: jetstream::consumer::PullConsumer = js.get_stream("IMAGES").await.unwrap().get_consumer("acceld").await.unwrap();
-    let info = consumer.info().await.unwrap();
+    // The result is sent as the task finishes, and the message is acked alongside: give the
+    // ack a moment to reach the server.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut info = consumer.info().await.unwrap().clone();
+    while info.num_ack_pending > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        info = consumer.info().await.unwrap().clone();
+    }
     assert_eq!((info.num_redelivered, info.num_ack_pending, info.num_pending), (0, 0, 0), "{info:?}\n{}", acceld.log());
 
     // The consumer goes away: the source cannot read, and health says so until it can.
