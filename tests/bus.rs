@@ -1,7 +1,8 @@
 //! End to end over message buses: the real `acceld` binary reading Debian's `nats-server`
 //! (core NATS and JetStream) and converting images in Debian's `docker-registry`, with results
 //! published to every kind of sink; malformed messages dead-lettered; Harbor webhooks forwarded
-//! into JetStream; and two instances sharing one durable consumer, one killed mid-conversion.
+//! into JetStream; two instances sharing one durable consumer, one killed mid-conversion; and
+//! the NATS server going away and coming back.
 
 mod common;
 
@@ -125,15 +126,30 @@ async fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) 
     }
 }
 
-/// Messages on a dead-letter subject, with their `Accel-Error` header.
-async fn dead_letters(client: &async_nats::Client, subject: &str) -> Arc<Mutex<Vec<(String, String)>>> {
+/// A message on a dead-letter subject: its body, its `Accel-Error` header and all its headers.
+#[derive(Clone)]
+struct Letter {
+    body: String,
+    why: String,
+    headers: Vec<(String, String)>,
+}
+
+impl Letter {
+    fn header(&self, name: &str) -> Vec<&str> {
+        self.headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str()).collect()
+    }
+}
+
+/// Messages on a dead-letter subject.
+async fn dead_letters(client: &async_nats::Client, subject: &str) -> Arc<Mutex<Vec<Letter>>> {
     let mut sub = client.subscribe(subject.to_string()).await.unwrap();
     let got = Arc::new(Mutex::new(Vec::new()));
     let g = got.clone();
     tokio::spawn(async move {
         while let Some(m) = sub.next().await {
             let why = m.headers.as_ref().and_then(|h| h.get("Accel-Error")).map(|v| v.as_str().to_string()).unwrap_or_default();
-            g.lock().unwrap().push((String::from_utf8_lossy(&m.payload).into_owned(), why));
+            let headers = m.headers.iter().flat_map(|h| h.iter()).flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.as_str().to_string()))).collect();
+            g.lock().unwrap().push(Letter { body: String::from_utf8_lossy(&m.payload).into_owned(), why, headers });
         }
     });
     client.flush().await.unwrap();
@@ -216,17 +232,30 @@ pipelines:
     let event: Value = serde_json::from_slice(&msg.payload).unwrap();
     assert_eq!(event["id"], id.as_str());
 
-    // Malformed messages on both sources are dead-lettered with the reason; the sources go on.
-    js_publish(&js, "images.bad", "{oops".into()).await;
-    client.publish("core.images", Bytes::from_static(br#"{"reference":"nginx"}"#)).await.unwrap();
+    // Malformed messages on both sources are dead-lettered with the reason and the message's
+    // own headers, but for the server's (Nats-*); the sources go on.
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("X-Trace", "t-1");
+    h.append("X-Trace", "t-2");
+    h.insert("Nats-Msg-Id", "m-1");
+    h.insert("Accel-Error", "not this one");
+    js.publish_with_headers("images.bad", h.clone(), "{oops".into()).await.unwrap().await.unwrap();
+    client.publish_with_headers("core.images", h, Bytes::from_static(br#"{"reference":"nginx"}"#)).await.unwrap();
     client.flush().await.unwrap();
     wait_until("dead letters arrived", Duration::from_secs(30), || dead_js.lock().unwrap().len() == 1 && dead_core.lock().unwrap().len() == 1).await;
-    let (body, why) = dead_js.lock().unwrap()[0].clone();
-    assert_eq!(body, "{oops");
-    assert!(why.contains("not valid JSON"), "{why}");
-    let (body, why) = dead_core.lock().unwrap()[0].clone();
-    assert_eq!(body, r#"{"reference":"nginx"}"#);
-    assert!(why.contains("names no registry host"), "{why}");
+    let letter = dead_js.lock().unwrap()[0].clone();
+    assert_eq!(letter.body, "{oops");
+    assert!(letter.why.contains("not valid JSON"), "{}", letter.why);
+    let core = dead_core.lock().unwrap()[0].clone();
+    assert_eq!(core.body, r#"{"reference":"nginx"}"#);
+    assert!(core.why.contains("names no registry host"), "{}", core.why);
+    for l in [&letter, &core] {
+        let mut trace = l.header("X-Trace");
+        trace.sort();
+        assert_eq!(trace, ["t-1", "t-2"], "{:?}", l.headers);
+        assert!(l.header("Nats-Msg-Id").is_empty(), "{:?}", l.headers);
+        assert_eq!(l.header("Accel-Error").len(), 1, "{:?}", l.headers);
+    }
 
     let two = handmade_image().build().push(&reg.host(), "library/two:1");
     let plain = json!({ "reference": format!("{}@{}", two.reference, two.digest) }).to_string();
@@ -467,4 +496,88 @@ pipelines:
     assert_eq!(health["status"], "degraded", "{health}");
     assert!(health["sources"]["bus"]["error"].as_str().is_some_and(|e| !e.is_empty()), "{health}");
     assert!(acceld.metrics().await.lines().any(|l| l == "accel_source_up{source=\"bus\"} 0"));
+}
+
+async fn health(d: &Acceld) -> Value {
+    reqwest::get(d.url("/api/v1/health")).await.unwrap().json().await.unwrap()
+}
+
+/// Waits until health shows `state` for each of `sources`, and returns that answer.
+async fn wait_for_sources(d: &Acceld, sources: &[&str], state: &str, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let h = health(d).await;
+        if sources.iter().all(|s| h["sources"][s]["state"] == state) {
+            return h;
+        }
+        assert!(Instant::now() < deadline, "health does not show {sources:?} {state} within {within:?}: {h}\n{}", d.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_server_that_goes_away_shows_in_health_and_its_return_is_picked_up() {
+    let reg = RegistryServer::start(RegistryAuth::None);
+    let mut nats = NatsServer::start();
+    let url = nats.url();
+    let body = format!(
+        r#"
+sources:
+  js: {{ kind: jetstream, url: "{url}", stream: IMAGES, subjects: ["images.>"], consumer: acceld, create: true }}
+  core: {{ kind: nats, url: "{url}", subject: core.images }}
+sinks:
+  bus: {{ kind: nats, url: "{url}", subject: results }}
+pipelines:
+  - name: accelerate
+    convert: [{{ driver: estargz, options: {{ compression_level: 1 }} }}]
+    sinks: [bus]
+"#
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = Acceld::start(dir.path(), &reg.host(), &body).await;
+    let h = wait_for_sources(&d, &["js", "core"], "reading", Duration::from_secs(30)).await;
+    assert_eq!(h["status"], "ok", "{h}");
+
+    // The server goes away: both sources say so, and acceld keeps running.
+    nats.stop();
+    let h = wait_for_sources(&d, &["js", "core"], "disconnected", Duration::from_secs(30)).await;
+    assert_eq!(h["status"], "degraded", "{h}");
+    assert!(h["sources"]["js"]["error"].as_str().is_some_and(|e| e.contains(&url)), "{h}");
+    let metrics = d.metrics().await;
+    for s in ["js", "core"] {
+        assert!(metrics.lines().any(|l| l == format!("accel_source_up{{source=\"{s}\"}} 0")), "{metrics}");
+    }
+
+    // Back on the same port with the same store: both read on without a restart.
+    nats.restart();
+    let h = wait_for_sources(&d, &["js", "core"], "reading", Duration::from_secs(60)).await;
+    assert_eq!(h["status"], "ok", "{h}");
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let results = Results::subscribe(&client, "results").await;
+    let js = jetstream::new(client.clone());
+    let one = handmade_image().build().push(&reg.host(), "library/one:1");
+    let two = handmade_image().build().push(&reg.host(), "library/two:1");
+    js_publish(&js, "images.pushed", json!({ "reference": format!("{}@{}", one.reference, one.digest) }).to_string()).await;
+    // Core NATS keeps nothing: ask until acceld's subscription is back and answers.
+    let plain = json!({ "reference": format!("{}@{}", two.reference, two.digest) }).to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let answer = loop {
+        match client.request("core.images", plain.clone().into()).await {
+            Ok(a) => break a,
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("the core source does not answer: {e}\n{}", d.log()),
+        }
+    };
+    assert_eq!(String::from_utf8_lossy(&answer.payload), r#"{"accepted":true}"#);
+    for image in [&one, &two] {
+        let r = results.wait_for(&format!("{}@{}", image.reference, image.digest), Duration::from_secs(120), || d.log()).await;
+        assert_eq!(r["data"]["status"], "COMPLETED", "{r}");
+    }
+    verify_estargz(&reg, "library/one", "1-esgz", &one);
+    verify_estargz(&reg, "library/two", "1-esgz", &two);
+    let log = d.log();
+    assert!(log.contains("lost the connection to NATS"), "{log}");
+    assert!(!log.contains("starting it again"), "a source was restarted although only the server was away:\n{log}");
 }

@@ -52,9 +52,7 @@ impl DeadLetter for KafkaDeadLetter {
     }
 
     async fn publish(&self, letter: &Letter<'_>) -> Result<(), String> {
-        // The message's own headers go on, but for those the letter sets itself.
-        let ours = [headers::ERROR, headers::SOURCE, headers::LOCATION, headers::TRUNCATED, "Content-Type"];
-        let mut h: Vec<(&str, &str)> = letter.headers.iter().filter(|(k, _)| !ours.iter().any(|o| o.eq_ignore_ascii_case(k))).copied().collect();
+        let mut h: Vec<(&str, &str)> = letter.carried_headers().collect();
         h.extend([(headers::ERROR, letter.reason), (headers::SOURCE, letter.source), (headers::LOCATION, letter.location)]);
         let size = letter.truncated_from.map(|n| n.to_string());
         if let Some(ct) = letter.content_type {

@@ -52,7 +52,7 @@ pub struct Message<'a> {
     pub location: &'a str,
     /// The record's key, on buses with keys (Kafka); a dead letter keeps it.
     pub key: Option<&'a [u8]>,
-    /// Its other text headers, on buses whose dead letters carry them on (Kafka).
+    /// Its other text headers, which its dead letter carries on.
     pub headers: &'a [(&'a str, &'a str)],
 }
 
@@ -81,6 +81,19 @@ pub struct Letter<'a> {
     /// The message's key and headers ([`Message::key`], [`Message::headers`]).
     pub key: Option<&'a [u8]>,
     pub headers: &'a [(&'a str, &'a str)],
+}
+
+impl Letter<'_> {
+    /// The message's own headers a letter carries on: all but those the letter sets itself,
+    /// and the NATS server's own (`Nats-Msg-Id` would make a stream that deduplicates drop the
+    /// letter as a copy of the message).
+    pub fn carried_headers(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        let ours = [headers::ERROR, headers::SOURCE, headers::LOCATION, headers::TRUNCATED, "Content-Type"];
+        self.headers
+            .iter()
+            .copied()
+            .filter(move |(k, _)| !ours.iter().any(|o| o.eq_ignore_ascii_case(k)) && !k.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("nats-")))
+    }
 }
 
 /// Header names a dead letter carries, on buses with headers.

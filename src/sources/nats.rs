@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::connection::State;
 use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy, AckKind};
 use async_nats::HeaderMap;
 use async_trait::async_trait;
@@ -14,8 +15,9 @@ use futures::StreamExt;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
-use super::{headers, DeadLetter, Disposition, Inbox, Letter, Message, Source, SourceContext, SourceError};
+use super::{headers, DeadLetter, Disposition, Inbox, Letter, Message, Source, SourceContext, SourceError, SourceStatuses};
 use crate::bus::nats::{connect, header_value, Publisher};
 use crate::config::{JetStreamSourceConfig, NatsSourceConfig};
 
@@ -25,6 +27,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const CORE_IN_FLIGHT: usize = 64;
 /// Read errors in a row after which the JetStream consumer is set up again.
 const MAX_READ_ERRORS: u32 = 10;
+/// How often a running source looks at its connection, for health.
+const CONNECTION_CHECK: Duration = Duration::from_millis(500);
 
 /// Malformed messages published to a NATS subject, with the reason in `Accel-Error`.
 struct NatsDeadLetter {
@@ -48,12 +52,43 @@ impl DeadLetter for NatsDeadLetter {
         if let Some(n) = letter.truncated_from {
             h.insert(headers::TRUNCATED, n.to_string().as_str());
         }
+        for (k, v) in letter.carried_headers() {
+            h.append(k, header_value(v).as_str());
+        }
         self.publisher.publish(h, Bytes::copy_from_slice(letter.body)).await
     }
 }
 
 fn content_type(h: Option<&HeaderMap>) -> Option<String> {
     h.and_then(|h| h.get("Content-Type").or_else(|| h.get("content-type"))).map(|v| v.as_str().to_string())
+}
+
+/// A message's headers as text pairs (a header with several values gives several pairs).
+fn text_headers(h: Option<&HeaderMap>) -> Vec<(String, String)> {
+    let Some(h) = h else { return Vec::new() };
+    h.iter().flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.as_str().to_string()))).collect()
+}
+
+/// Shows in the source's status whether its client reaches a NATS server, while the source
+/// runs: `disconnected` while the client is trying to reconnect, `reading` again once it has.
+/// The client resubscribes by itself, so the source itself goes on.
+fn watch_connection(client: async_nats::Client, statuses: SourceStatuses, name: String, url: String) -> AbortOnDropHandle<()> {
+    AbortOnDropHandle::new(tokio::spawn(async move {
+        let mut down = false;
+        let mut tick = tokio::time::interval(CONNECTION_CHECK);
+        loop {
+            tick.tick().await;
+            let now_down = client.connection_state() == State::Disconnected;
+            if now_down && !down {
+                tracing::warn!(source = %name, "lost the connection to NATS at {url}; reconnecting");
+                statuses.disconnected(&name, format!("no NATS server answers at {url}"));
+            } else if !now_down && down {
+                tracing::info!(source = %name, "connected to NATS again");
+                statuses.connected(&name);
+            }
+            down = now_down;
+        }
+    }))
 }
 
 fn dead_letter(client: &async_nats::Client, subject: Option<&String>) -> Option<Arc<dyn DeadLetter>> {
@@ -95,6 +130,7 @@ impl Source for NatsSource {
         .map_err(|e| read_err(format!("cannot subscribe to {subject}: {e}")))?;
         tracing::info!(source = %self.name, "subscribed to NATS subject {subject}{}",
             self.config.queue_group.as_ref().map(|q| format!(" in queue group {q}")).unwrap_or_default());
+        let _watch = watch_connection(self.client.clone(), inbox.statuses().clone(), self.name.clone(), self.config.url.clone());
         let slots = Arc::new(Semaphore::new(CORE_IN_FLIGHT));
         let mut running = JoinSet::new();
         let result = loop {
@@ -115,7 +151,9 @@ impl Source for NatsSource {
                 let _permit = permit;
                 let ct = content_type(msg.headers.as_ref());
                 let location = format!("subject {}", msg.subject);
-                let m = Message { body: &msg.payload, content_type: ct.as_deref(), location: &location, key: None, headers: &[] };
+                let texts = text_headers(msg.headers.as_ref());
+                let texts: Vec<(&str, &str)> = texts.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                let m = Message { body: &msg.payload, content_type: ct.as_deref(), location: &location, key: None, headers: &texts };
                 let outcome = inbox.handle(&m).await;
                 if outcome == Disposition::Stop {
                     tracing::warn!(source = %name, at = %location, "acceld is stopping; this message is not converted (core NATS does not deliver it again)");
@@ -136,6 +174,7 @@ impl Source for NatsSource {
 /// A JetStream durable pull consumer.
 pub struct JetStreamSource {
     name: String,
+    client: async_nats::Client,
     consumer: jetstream::consumer::Consumer<pull::Config>,
     config: JetStreamSourceConfig,
 }
@@ -211,7 +250,7 @@ impl JetStreamSource {
         let keepalive = ack_wait.mul_f64(0.4);
         let inbox = Inbox::new(name, ctx.workers.clone(), dead_letter(&client, config.dead_letter_subject.as_ref()), ctx.shutdown.clone())
             .ack_when(config.ack, keepalive);
-        Ok((Arc::new(JetStreamSource { name: name.into(), consumer, config: config.clone() }), inbox))
+        Ok((Arc::new(JetStreamSource { name: name.into(), client, consumer, config: config.clone() }), inbox))
     }
 }
 
@@ -238,6 +277,7 @@ impl Source for JetStreamSource {
             .await
             .map_err(|e| read_err(format!("cannot read consumer {} of stream {}: {e}", self.config.consumer, self.config.stream)))?;
         tracing::info!(source = %self.name, "reading JetStream stream {} through durable consumer {}", self.config.stream, self.config.consumer);
+        let _watch = watch_connection(self.client.clone(), inbox.statuses().clone(), self.name.clone(), self.config.url.clone());
         // Messages of one pull are handled at once, so their tasks share database commits.
         let slots = Arc::new(Semaphore::new(self.config.batch));
         let mut running = JoinSet::new();
@@ -251,6 +291,13 @@ impl Source for JetStreamSource {
                 _ = shutdown.cancelled() => break Ok(()),
                 m = messages.next() => match m {
                     Some(Ok(m)) => { errors = 0; m }
+                    Some(Err(e)) if self.client.connection_state() != State::Connected => {
+                        // The server is away (health says so); the client reconnects and the
+                        // consumer's stream goes on, so this does not count towards a restart.
+                        tracing::debug!(source = %self.name, "reading the consumer while disconnected: {e}");
+                        tokio::time::sleep(CONNECTION_CHECK).await;
+                        continue;
+                    }
                     Some(Err(e)) => {
                         errors += 1;
                         tracing::warn!(source = %self.name, "reading the consumer: {e}");
@@ -271,7 +318,9 @@ impl Source for JetStreamSource {
                     Err(_) => format!("subject {}", msg.subject),
                 };
                 let ct = content_type(msg.headers.as_ref());
-                let m = Message { body: &msg.payload, content_type: ct.as_deref(), location: &location, key: None, headers: &[] };
+                let texts = text_headers(msg.headers.as_ref());
+                let texts: Vec<(&str, &str)> = texts.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                let m = Message { body: &msg.payload, content_type: ct.as_deref(), location: &location, key: None, headers: &texts };
                 let keepalive = || async {
                     // Still working on it: the server must not hand it to another consumer yet.
                     let _ = msg.ack_with(AckKind::Progress).await;

@@ -12,6 +12,19 @@ pub struct NatsServer {
     child: Child,
     pub port: u16,
     pub dir: tempfile::TempDir,
+    /// Times started; the log (appended to) says "Server is ready" once per start.
+    starts: usize,
+}
+
+fn spawn(port: u16, dir: &std::path::Path) -> Child {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("nats.log")).unwrap();
+    Command::new(nats_binary())
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(dir.join("store"))
+        .stdout(Stdio::from(log.try_clone().unwrap()))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("start nats-server")
 }
 
 /// Path of the server binary; fails the test when it is missing (the test script installs it).
@@ -29,24 +42,36 @@ impl NatsServer {
     pub fn start() -> NatsServer {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let log = std::fs::File::create(dir.path().join("nats.log")).unwrap();
-        let child = Command::new(nats_binary())
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(dir.path().join("store"))
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("start nats-server");
-        let mut s = NatsServer { child, port, dir };
+        let child = spawn(port, dir.path());
+        let mut s = NatsServer { child, port, dir, starts: 1 };
+        s.wait_ready();
+        s
+    }
+
+    /// Stops the server (SIGKILL); [`restart`](Self::restart) brings it back.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on the same port with the same JetStream store.
+    pub fn restart(&mut self) {
+        self.child = spawn(self.port, self.dir.path());
+        self.starts += 1;
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Some(status) = s.child.try_wait().unwrap() {
-                panic!("nats-server exited with {status}:\n{}", s.log());
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("nats-server exited with {status}:\n{}", self.log());
             }
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() && s.log().contains("Server is ready") {
-                return s;
+            let ready = self.log().matches("Server is ready").count() >= self.starts;
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() && ready {
+                return;
             }
-            assert!(Instant::now() < deadline, "nats-server not ready within 20 s:\n{}", s.log());
+            assert!(Instant::now() < deadline, "nats-server not ready within 20 s:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(50));
         }
     }
