@@ -300,6 +300,23 @@ fn clear_errors_for_bad_input() {
         assert!(err.contains(needle), "{args:?}: error should mention {needle:?}:\n{err}");
         assert!(out.stdout.is_empty(), "{args:?}: nothing on stdout on failure");
     }
+
+    // A target that would replace the source is refused, and the source tag stays as it was.
+    let pushed = handmade_image().build().push(&server.host(), "hand/made:v1");
+    let same = pushed.reference.clone();
+    let cases: [(&[&str], &str); 4] = [
+        (&["--tag-suffix", "", &same], "--tag-suffix is empty"),
+        (&["--target", &same, &same], "source image's own tag"),
+        (&["--tag-suffix", "/../", &same], "may hold only"),
+        (&["--driver", "zstd", "--option", "chunk_size_bytes=1MiB", &same], "invalid options for driver zstd"),
+    ];
+    for (args, needle) in cases {
+        let out = ws.convert(args);
+        assert!(!out.status.success(), "{args:?} should fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: error should mention {needle:?}:\n{err}");
+    }
+    assert_eq!(server.tag_digest("hand/made", "v1").as_deref(), Some(pushed.digest.as_str()), "the source tag is untouched");
 }
 
 fn base64_encode(s: &str) -> String {

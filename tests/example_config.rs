@@ -28,3 +28,17 @@ fn a_typo_in_the_example_is_reported_with_its_path() {
     assert_eq!(problems[0].path, "pipelines[0].convert[0].options");
     assert!(problems[0].message.contains("compresion_level"), "{err}");
 }
+
+#[test]
+fn validate_counts_what_the_example_holds() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines.yaml");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_accelctl")).args(["validate", "--config"]).arg(&path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let config = Config::load(&path).unwrap();
+    let (p, so, si) = (config.pipelines.len(), config.sources.len(), config.sinks.len());
+    let plural = |n: usize| if n == 1 { "" } else { "s" };
+    let want = format!("ok ({p} pipeline{}, {so} source{}, {si} sink{})", plural(p), plural(so), plural(si));
+    assert!(stdout.trim_end().ends_with(&want), "{stdout:?} does not end with {want:?}");
+    assert!(!stdout.contains("1 pipelines"), "{stdout}");
+}

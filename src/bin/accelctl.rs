@@ -45,8 +45,9 @@ struct ConvertArgs {
     /// the config's pipelines that match the image, else estargz.
     #[arg(long = "driver", short = 'd', value_delimiter = ',')]
     drivers: Vec<DriverKind>,
-    /// Driver option KEY=VALUE (e.g. compression_level=6, chunk_size_bytes=1MiB); DRIVER.KEY=VALUE
-    /// applies to one driver only. Repeatable.
+    /// Driver option KEY=VALUE, for every driver of the command (e.g. compression_level=6);
+    /// DRIVER.KEY=VALUE applies to one driver only (e.g. estargz.chunk_size_bytes=1MiB).
+    /// Repeatable.
     #[arg(long = "option", short = 'o', value_name = "KEY=VALUE")]
     options: Vec<String>,
     /// Tag suffix of the target (default per driver: -esgz for estargz).
@@ -100,12 +101,13 @@ fn main() -> ExitCode {
 
 fn validate(path: &std::path::Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
+    let count = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
     println!(
-        "{}: ok ({} pipelines, {} sources, {} sinks)",
+        "{}: ok ({}, {}, {})",
         path.display(),
-        config.pipelines.len(),
-        config.sources.len(),
-        config.sinks.len()
+        count(config.pipelines.len(), "pipeline"),
+        count(config.sources.len(), "source"),
+        count(config.sinks.len(), "sink")
     );
     Ok(())
 }
@@ -160,6 +162,12 @@ fn plan(args: &ConvertArgs, config: &Config, source: &Reference) -> anyhow::Resu
     }
     if args.tag_suffix.is_some() && specs.len() > 1 {
         bail!("--tag-suffix would give {} conversions the same target; use it with one --driver", specs.len());
+    }
+    if let Some(s) = &args.tag_suffix {
+        if s.is_empty() {
+            bail!("--tag-suffix is empty: the target would be the source's own tag; use --target to name another image");
+        }
+        accel::pipeline::naming::check_suffix(s).map_err(|why| anyhow::anyhow!("--tag-suffix {why}"))?;
     }
     specs
         .into_iter()

@@ -200,7 +200,7 @@ impl NatsAuth {
 
 fn check_url(url: &str, at: &str, problem: &mut Report) {
     for u in url.split(',').map(str::trim) {
-        if u.is_empty() || u.chars().any(char::is_whitespace) {
+        if u.is_empty() || u.chars().any(char::is_whitespace) || u.parse::<async_nats::ServerAddr>().is_err() {
             problem(format!("{at}.url"), format!("{url:?} is not a list of NATS server URLs (nats://host:port, comma-separated)"));
             return;
         }

@@ -44,11 +44,29 @@ impl ConfigError {
     }
 }
 
+/// Longest `tasks.retention_secs`: 100 years.
+const MAX_RETENTION_SECS: u64 = 100 * 365 * 24 * 3600;
+
+/// `host:port` or `[v6]:port`, with a port number.
+fn check_listen(listen: &str) -> Result<(), String> {
+    let (host, port) = listen.rsplit_once(':').ok_or_else(|| format!("{listen:?} is not host:port (for example 127.0.0.1:2077)"))?;
+    if host.is_empty() || host.chars().any(char::is_whitespace) {
+        return Err(format!("{listen:?} names no host (for example 0.0.0.0:2077 for every address)"));
+    }
+    port.parse::<u16>().map_err(|_| format!("{listen:?}: {port:?} is not a port number (0 to 65535)"))?;
+    Ok(())
+}
+
 impl Config {
     /// Reads and validates a config file, expanding `${VAR}` from the process environment.
+    /// An empty file is refused: it is more likely a mistake than a wish for every default.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        if text.trim().is_empty() {
+            let problem = Problem { path: String::new(), message: "the file is empty; see pipelines.yaml in the project for an example".into() };
+            return Err(ConfigError::Invalid { origin: path.display().to_string(), problems: vec![problem] });
+        }
         Config::parse(&text, &path.display().to_string(), &|k| std::env::var(k).ok())
     }
 
@@ -93,6 +111,15 @@ impl Config {
             if let Err(e) = crate::store::containerd::check_namespace(namespace) {
                 problem("store.namespace".into(), e);
             }
+        }
+        if self.server.max_body_bytes.0 == 0 {
+            problem("server.max_body_bytes".into(), "must be at least 1 byte (Harbor's webhooks are about 1 KiB)".into());
+        }
+        if let Err(why) = check_listen(&self.server.listen) {
+            problem("server.listen".into(), why);
+        }
+        if self.tasks.retention_secs > MAX_RETENTION_SECS {
+            problem("tasks.retention_secs".into(), format!("must be at most {MAX_RETENTION_SECS} (100 years)"));
         }
         if self.tasks.queue_size == 0 {
             problem("tasks.queue_size".into(), "must be at least 1".into());
@@ -141,8 +168,8 @@ impl Config {
                     if s.is_empty() && c.repository.is_none() {
                         problem(format!("{at}.tag_suffix"), "an empty suffix would overwrite the source tag; set `repository` too".into());
                     }
-                    if !s.chars().all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '_' | '.' | '-')) {
-                        problem(format!("{at}.tag_suffix"), format!("{s:?} may hold only letters, digits, '_', '.', '-'"));
+                    if let Err(why) = crate::pipeline::naming::check_suffix(s) {
+                        problem(format!("{at}.tag_suffix"), why);
                     }
                 }
                 if let Some(r) = &c.repository {

@@ -337,6 +337,34 @@ mod by_kind {
             let e = problem("sinks: { x: [1] }");
             assert!(e.contains("expected a mapping with `kind`"), "{e}");
         }
+
+        #[test]
+        fn values_acceld_could_not_use_are_refused_at_load() {
+            let e = problem("server: { max_body_bytes: 0 }");
+            assert!(e.starts_with("server.max_body_bytes: must be at least 1 byte"), "{e}");
+            for bad in ["not-an-addr", "localhost:99999", ":2077", "h: x"] {
+                let e = problem(&format!("server: {{ listen: \"{bad}\" }}"));
+                assert!(e.starts_with("server.listen: "), "{bad}: {e}");
+            }
+            for good in ["0.0.0.0:2077", "[::1]:2077", "localhost:0"] {
+                Config::parse(&format!("server: {{ listen: \"{good}\" }}"), "t", &|_| None).unwrap_or_else(|e| panic!("{good}: {e}"));
+            }
+            let e = problem("tasks: { retention_secs: 10000000000000 }");
+            assert!(e.starts_with("tasks.retention_secs: must be at most"), "{e}");
+            let e = problem("sources: { n: { kind: nats, url: \"http://127.0.0.1:1\", subject: s } }");
+            assert!(e.starts_with("sources.n.url: "), "{e}");
+            let e = problem("pipelines: [{ name: p, convert: [{ driver: estargz, tag_suffix: \"-\u{e9}\" }] }]");
+            assert!(e.contains("ASCII letters"), "{e}");
+        }
+
+        #[test]
+        fn an_empty_file_is_refused() {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("pipelines.yaml");
+            std::fs::write(&path, "\n  \n").unwrap();
+            let e = Config::load(&path).unwrap_err().to_string();
+            assert!(e.contains("the file is empty"), "{e}");
+        }
     }
 }
 

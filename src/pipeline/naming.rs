@@ -22,7 +22,22 @@ impl TargetNaming {
     /// The tag a suffix is appended to is the source's tag; a digest-only source
     /// (`repo@sha256:<hex>`) uses `sha256-<hex>`, the convention cosign and others use for
     /// digest-derived tags; a reference with neither uses `latest`.
+    ///
+    /// A target that is the source's own tag is an error: pushing there would replace the
+    /// source image with its conversion.
     pub fn target_for(&self, source: &Reference) -> Result<Reference, ReferenceError> {
+        let target = self.name(source)?;
+        let same = target.registry() == source.registry() && target.repository() == source.repository() && target.tag() == source.tag();
+        if source.tag().is_some() && same {
+            return Err(ReferenceError::Invalid {
+                reference: target.to_string(),
+                why: "is the source image's own tag: converting onto it would replace the source; name another tag or suffix".into(),
+            });
+        }
+        Ok(target)
+    }
+
+    fn name(&self, source: &Reference) -> Result<Reference, ReferenceError> {
         match self {
             TargetNaming::Exact(r) => {
                 let tag = r.tag().unwrap_or("latest");
@@ -42,6 +57,18 @@ impl TargetNaming {
             }
         }
     }
+}
+
+/// Checks a tag suffix as given in the config or on the command line.
+pub fn check_suffix(s: &str) -> Result<(), String> {
+    if !s.chars().all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '_' | '.' | '-')) {
+        return Err(format!("{s:?} may hold only ASCII letters, digits, '_', '.', '-'"));
+    }
+    // A tag is at most 128 characters; leave room for the source tag in front.
+    if s.len() > 64 {
+        return Err(format!("{s:?} is longer than 64 characters"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -73,6 +100,25 @@ mod tests {
         assert_eq!(n.target_for(&src).unwrap().to_string(), "h.io/accelerated/nginx:1");
         let n = TargetNaming::Exact("other.io/x/y".parse().unwrap());
         assert_eq!(n.target_for(&src).unwrap().to_string(), "other.io/x/y:latest");
+    }
+
+    #[test]
+    fn the_source_tag_itself_is_no_target() {
+        let src: Reference = "h.io/lib/nginx:1.25".parse().unwrap();
+        let err = suffix("").target_for(&src).unwrap_err().to_string();
+        assert!(err.contains("source image's own tag"), "{err}");
+        assert!(TargetNaming::Exact("h.io/lib/nginx:1.25".parse().unwrap()).target_for(&src).is_err());
+        assert!(TargetNaming::Exact("h.io/lib/nginx:1.26".parse().unwrap()).target_for(&src).is_ok());
+        assert!(TargetNaming::Exact("other.io/lib/nginx:1.25".parse().unwrap()).target_for(&src).is_ok());
+        // Another repository with an empty suffix is fine, and so is a digest-only source.
+        let other = TargetNaming::Suffix { suffix: String::new(), repository: Some("accelerated/nginx".into()) };
+        assert_eq!(other.target_for(&src).unwrap().to_string(), "h.io/accelerated/nginx:1.25");
+        let pinned: Reference = format!("h.io/lib/nginx@sha256:{HEX}").parse().unwrap();
+        assert!(suffix("").target_for(&pinned).is_ok());
+        assert_eq!(check_suffix("-esgz"), Ok(()));
+        assert!(check_suffix("/../").is_err());
+        assert!(check_suffix("-é").unwrap_err().contains("ASCII"));
+        assert!(check_suffix(&"x".repeat(65)).is_err());
     }
 
     #[test]

@@ -450,7 +450,8 @@ impl Shared {
 
     async fn purge_loop(self: Arc<Self>) {
         loop {
-            let before = Utc::now() - chrono::Duration::from_std(self.options.retention).unwrap_or(chrono::Duration::MAX);
+            let keep = chrono::Duration::from_std(self.options.retention).unwrap_or(chrono::Duration::MAX);
+            let before = Utc::now().checked_sub_signed(keep).unwrap_or(chrono::DateTime::<Utc>::MIN_UTC);
             match self.store.purge(before).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!("deleted {n} finished task(s) older than the retention"),
