@@ -205,18 +205,20 @@ async fn accelctl_task_create_and_list() {
             .output()
             .unwrap();
         let list = Command::new(accelctl).args(["task", "list", "--output", "json", "--addr", &addr, "--auth-header", AUTH]).output().unwrap();
-        let table = Command::new(accelctl).args(["task", "list", "--addr", &addr]).env("ACCEL_AUTH_HEADER", AUTH).output().unwrap();
+        // `text` is the name `accelctl convert` uses for the same thing.
+        let table = Command::new(accelctl).args(["task", "list", "--output", "text", "--addr", &addr]).env("ACCEL_AUTH_HEADER", AUTH).output().unwrap();
+        let bad_header = Command::new(accelctl).args(["task", "list", "--addr", &addr, "--auth-header", "x\r\nEvil: 1"]).output().unwrap();
         let denied = Command::new(accelctl).args(["task", "list", "--addr", &addr]).env_remove("ACCEL_AUTH_HEADER").output().unwrap();
         let unmatched = Command::new(accelctl)
             .args(["task", "create", "--addr", &addr, "127.0.0.1:5000/other/x:1"])
             .env("ACCEL_AUTH_HEADER", AUTH)
             .output()
             .unwrap();
-        (create, list, table, denied, unmatched)
+        (create, list, table, denied, unmatched, bad_header)
     })
     .await
     .unwrap();
-    let (create, list, table, denied, unmatched) = out;
+    let (create, list, table, denied, unmatched, bad_header) = out;
     let text = |o: &std::process::Output| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     assert!(create.status.success(), "{}", text(&create));
     assert!(String::from_utf8_lossy(&create.stdout).contains("COMPLETED"), "{}", text(&create));
@@ -232,6 +234,9 @@ async fn accelctl_task_create_and_list() {
     assert!(table_out.lines().nth(1).unwrap().contains("COMPLETED"), "{table_out}");
     assert!(!denied.status.success());
     assert!(String::from_utf8_lossy(&denied.stderr).contains("401"), "{}", text(&denied));
+    assert!(!bad_header.status.success());
+    let bad = String::from_utf8_lossy(&bad_header.stderr);
+    assert!(bad.contains("auth header cannot be sent") && !bad.contains("cannot reach"), "{bad}");
     assert!(!unmatched.status.success(), "creating nothing is an error");
     assert!(String::from_utf8_lossy(&unmatched.stdout).contains("no pipeline"), "{}", text(&unmatched));
     d.stop().await;

@@ -41,6 +41,8 @@ pub enum TaskCommand {
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 pub enum ListOutput {
+    /// Also `text`, the name `accelctl convert` uses.
+    #[value(alias = "text")]
     Table,
     Json,
 }

@@ -19,6 +19,8 @@ pub enum ClientError {
     Api { status: StatusCode, code: String, message: String },
     #[error("acceld answered {status} with a body that cannot be read: {why}")]
     Decode { status: StatusCode, why: String },
+    #[error("the auth header cannot be sent in an HTTP header: {why}")]
+    AuthHeader { why: String },
 }
 
 pub struct ApiClient {
@@ -34,6 +36,10 @@ impl ApiClient {
         let base = Url::parse(&with_scheme).map_err(|e| ClientError::Addr { addr: addr.into(), why: e.to_string() })?;
         if !matches!(base.scheme(), "http" | "https") {
             return Err(ClientError::Addr { addr: addr.into(), why: "use http:// or https://".into() });
+        }
+        if let Some(a) = &auth_header {
+            reqwest::header::HeaderValue::from_str(a.expose())
+                .map_err(|_| ClientError::AuthHeader { why: "it holds a line break or another control character".into() })?;
         }
         let http = reqwest::Client::builder().build().map_err(|e| ClientError::Connect { url: base.to_string(), source: e })?;
         Ok(ApiClient { base, auth_header, http })

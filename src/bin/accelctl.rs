@@ -69,6 +69,8 @@ struct ConvertArgs {
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum Output {
+    /// Also `table`, the name `accelctl task list` uses.
+    #[value(alias = "table")]
     Text,
     Json,
 }

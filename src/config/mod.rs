@@ -27,7 +27,7 @@ pub struct Config {
     #[serde(default)]
     pub server: ServerConfig,
     /// Where blobs are kept between pull, convert and push.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "store_of_default_kind")]
     pub store: StoreConfig,
     /// Durable task database, queues and retries of `acceld`.
     #[serde(default)]
@@ -104,6 +104,18 @@ impl Default for TasksConfig {
             retry_backoff_max_secs: 300,
         }
     }
+}
+
+/// `store` without `kind` is the embedded store, the default.
+fn store_of_default_kind<'de, D: serde::Deserializer<'de>>(d: D) -> Result<StoreConfig, D::Error> {
+    use serde::de::Error;
+    let mut v = serde_yaml::Value::deserialize(d)?;
+    if let serde_yaml::Value::Mapping(m) = &mut v {
+        if !m.contains_key("kind") {
+            m.insert("kind".into(), "embedded".into());
+        }
+    }
+    StoreConfig::deserialize(v).map_err(D::Error::custom)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -355,6 +367,16 @@ mod by_kind {
             assert!(e.starts_with("sources.n.url: "), "{e}");
             let e = problem("pipelines: [{ name: p, convert: [{ driver: estargz, tag_suffix: \"-\u{e9}\" }] }]");
             assert!(e.contains("ASCII letters"), "{e}");
+        }
+
+        #[test]
+        fn a_store_without_kind_is_the_embedded_one() {
+            let c = Config::parse("store: { path: /tmp/x, max_size: 1GiB }", "t", &|_| None).unwrap();
+            assert!(matches!(&c.store, crate::config::StoreConfig::Embedded { path: Some(p), .. } if p.to_str() == Some("/tmp/x")), "{:?}", c.store);
+            let e = problem("store: { address: /run/c.sock }");
+            assert!(e.contains("unknown field `address`"), "{e}");
+            let e = problem("store: { kind: s3 }");
+            assert!(e.contains("unknown variant `s3`"), "{e}");
         }
 
         #[test]
