@@ -182,6 +182,12 @@ impl Config {
                 }
             }
         }
+        let harbors: Vec<&String> = self.sources.iter().filter(|(_, s)| matches!(s, SourceConfig::Harbor { .. })).map(|(n, _)| n).collect();
+        if let [first, rest @ ..] = harbors.as_slice() {
+            for name in rest {
+                problem(format!("sources.{name}"), format!("a second Harbor source: the webhook endpoint is one, and {first:?} is it"));
+            }
+        }
         for (name, s) in &self.sources {
             let at = format!("sources.{name}");
             match s {

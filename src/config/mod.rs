@@ -365,6 +365,8 @@ mod by_kind {
             assert!(e.starts_with("tasks.retention_secs: must be at most"), "{e}");
             let e = problem("sources: { n: { kind: nats, url: \"http://127.0.0.1:1\", subject: s } }");
             assert!(e.starts_with("sources.n.url: "), "{e}");
+            let e = problem("sources: { a: { kind: harbor }, b: { kind: harbor } }");
+            assert!(e.starts_with("sources.b: a second Harbor source"), "{e}");
             let e = problem("pipelines: [{ name: p, convert: [{ driver: estargz, tag_suffix: \"-\u{e9}\" }] }]");
             assert!(e.contains("ASCII letters"), "{e}");
         }
