@@ -181,6 +181,10 @@ impl FromStr for Reference {
             return Err(invalid("a reference has no URL scheme; write host/repository:tag".into()));
         }
         let (rest, digest) = match s.split_once('@') {
+            // `user:password@host/...`: the `@` comes before the first `/`.
+            Some((_, d)) if d.contains('/') => {
+                return Err(invalid("has credentials or an `@` before the repository; a reference is host/repository[:tag][@sha256:…], and credentials go in the config or the Docker credentials file".into()));
+            }
             Some((r, d)) => (r, Some(d.parse::<Digest>().map_err(|e| invalid(e.to_string()))?)),
             None => (s, None),
         };
@@ -282,6 +286,8 @@ mod tests {
             "host.com/a//b", "host.com/repo@sha256:xyz", "host.com/re..po", "host.com/"] {
             assert!(bad.parse::<Reference>().is_err(), "{bad:?} should be rejected");
         }
+        let e = "user:pw@127.0.0.1:1/a/b:t".parse::<Reference>().unwrap_err().to_string();
+        assert!(e.contains("credentials") && !e.contains("algorithm"), "{e}");
     }
 
     #[test]

@@ -56,7 +56,7 @@ pub enum MessageError {
     Json(String),
     #[error("message body is not a known event: it must be a JSON object with `reference` (an image reference), `events` (a registry notification), or `type` (a Harbor webhook); it has {found}")]
     Unrecognized { found: String },
-    #[error("{field} is missing")]
+    #[error("{field} is missing or empty")]
     Missing { field: String },
     #[error("{field}: {why}")]
     Invalid { field: String, why: String },
