@@ -229,6 +229,7 @@ async fn harbor_payloads_convert_and_the_result_verifies() {
     assert_eq!(body["tasks"][0]["status"], "COMPLETED", "{body}");
     let converted = reg.tag_digest("library/debian", "bookworm-esgz").expect("bookworm-esgz pushed");
     assert_eq!(body["tasks"][0]["targets"][0]["digest"], converted.as_str(), "{body}");
+    assert_eq!(body["tasks"][0]["targets"][0]["media_type"], "application/vnd.oci.image.manifest.v1+json", "{body}");
     verify_estargz(&reg, "library/debian", "bookworm-esgz", &debian);
     // The acceleration service's lines, which existing log searches look for.
     let log = d.log();

@@ -34,7 +34,13 @@ pub struct TargetView {
     pub driver: String,
     pub reference: String,
     pub digest: String,
+    /// Media type of the target's top manifest or index, as `accelctl convert --output json`.
+    #[serde(default)]
+    pub media_type: String,
     pub size: u64,
+    /// Platforms converted, for a multi-platform target.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub platforms: Vec<String>,
 }
 
 impl From<&Task> for TaskView {
@@ -53,7 +59,14 @@ impl From<&Task> for TaskView {
             targets: t
                 .targets
                 .iter()
-                .map(|x| TargetView { driver: x.driver.to_string(), reference: x.reference.to_string(), digest: x.digest.to_string(), size: x.size })
+                .map(|x| TargetView {
+                    driver: x.driver.to_string(),
+                    reference: x.reference.to_string(),
+                    digest: x.digest.to_string(),
+                    media_type: x.media_type.clone(),
+                    size: x.size,
+                    platforms: x.platforms.iter().map(|p| p.to_string()).collect(),
+                })
                 .collect(),
             attempts: t.attempts.clone(),
         }
