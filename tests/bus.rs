@@ -581,3 +581,52 @@ pipelines:
     assert!(log.contains("lost the connection to NATS"), "{log}");
     assert!(!log.contains("starting it again"), "a source was restarted although only the server was away:\n{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn core_nats_messages_held_when_acceld_stops_are_converted_after_the_restart() {
+    let reg = RegistryServer::start(RegistryAuth::None);
+    let nats = NatsServer::start();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let url = nats.url();
+    // One conversion at a time and a queue of one: the messages after that wait in acceld.
+    let body = format!(
+        r#"
+sources:
+  core: {{ kind: nats, url: "{url}", subject: core.images }}
+pipelines:
+  - name: accelerate
+    concurrency: 1
+    convert: [{{ driver: estargz, options: {{ compression_level: 1 }} }}]
+"#
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = Acceld::start_with(dir.path(), &reg.host(), &body, &[], "queue_size: 1").await;
+    let big = debian_image("amd64").build().push(&reg.host(), "library/big:1");
+    let small: Vec<PushedImage> = (0..3).map(|i| handmade_image().build().push(&reg.host(), &format!("library/small{i}:1"))).collect();
+    let event = |i: &PushedImage| Bytes::from(json!({ "reference": format!("{}@{}", i.reference, i.digest) }).to_string());
+    client.publish("core.images", event(&big)).await.unwrap();
+    client.flush().await.unwrap();
+    wait_until("the big conversion runs", Duration::from_secs(60), || d.log().contains(&format!("converting image {}", big.reference))).await;
+    for s in &small {
+        client.publish("core.images", event(s)).await.unwrap();
+    }
+    client.flush().await.unwrap();
+    // The first small one is queued; the other two wait for room.
+    wait_until("two messages wait for room in the queue", Duration::from_secs(30), || d.log().matches("cannot take the message yet").count() >= 2).await;
+    d.stop();
+    let log = d.log();
+    assert_eq!(log.matches("is stored and converted at the next start").count(), 2, "{log}");
+    assert!(!log.contains("it is lost"), "{log}");
+
+    // The next start converts everything, the two held messages included.
+    let d = Acceld::start_with(dir.path(), &reg.host(), &body, &[], "queue_size: 1").await;
+    let repos = [("library/big", &big), ("library/small0", &small[0]), ("library/small1", &small[1]), ("library/small2", &small[2])];
+    wait_until("every image converted after the restart", Duration::from_secs(600), || {
+        repos.iter().all(|(repo, _)| reg.tag_digest(repo, "1-esgz").is_some())
+    })
+    .await;
+    for (repo, image) in &repos[1..] {
+        verify_estargz(&reg, repo, "1-esgz", image);
+    }
+    drop(d);
+}

@@ -237,6 +237,17 @@ impl Workers {
     /// Routes events to pipelines and stores and queues their tasks, unless the same work is
     /// already in flight or done. All or nothing: on error no task was created.
     pub async fn accept(&self, events: &[Event]) -> Result<Accepted, SubmitError> {
+        self.take(events, false).await
+    }
+
+    /// Like [`accept`](Self::accept), for events that arrive while acceld stops and that their
+    /// bus will not deliver again (core NATS): their tasks are stored but not queued, and the
+    /// next start runs them.
+    pub async fn accept_for_later(&self, events: &[Event]) -> Result<Accepted, SubmitError> {
+        self.take(events, true).await
+    }
+
+    async fn take(&self, events: &[Event], later: bool) -> Result<Accepted, SubmitError> {
         let mut accepted = Accepted::default();
         let mut routed = Vec::new();
         for e in events {
@@ -253,15 +264,19 @@ impl Workers {
             return Ok(accepted);
         }
         let s = &self.shared;
-        if s.shutdown.is_cancelled() {
+        if s.shutdown.is_cancelled() && !later {
             return Err(SubmitError::ShuttingDown);
         }
         // Room in the queues first: a task stored but not queued would wait for a restart.
         let mut permits = Vec::with_capacity(routed.len());
         for r in &routed {
+            if later {
+                permits.push(None);
+                continue;
+            }
             let queue = &s.queues[&r.plan.name];
             match queue.clone().try_reserve_owned() {
-                Ok(p) => permits.push(p),
+                Ok(p) => permits.push(Some(p)),
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     return Err(SubmitError::QueueFull { pipeline: r.plan.name.clone(), capacity: queue.max_capacity() })
                 }
@@ -291,7 +306,12 @@ impl Workers {
                         // received it and how it was answered; the task's own lines follow.
                         tracing::debug!(module = %"api", task = %task.id, pipeline = %task.pipeline, "created task for {}", task.source);
                         shared.metrics.task_started(&task.pipeline, &driver_names(&r.plan), true);
-                        permit.send(task.id);
+                        match permit {
+                            Some(permit) => {
+                                permit.send(task.id);
+                            }
+                            None => tracing::info!(module = %"api", task = %task.id, "acceld is stopping: {} is stored and converted at the next start", task.source),
+                        }
                         out.push(Submitted { task, created: true });
                     }
                     Inserted::Existing(task) => {

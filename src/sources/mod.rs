@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 pub use crate::config::AckWhen;
 use crate::config::{Config, SourceConfig};
 use crate::pipeline::worker::SubmitError;
-use crate::pipeline::Workers;
+use crate::pipeline::{Event, Workers};
 
 pub use message::{parse_message, read_message, MessageError, MessageKind, Parsed};
 pub use status::{SourceState, SourceStatus, SourceStatuses};
@@ -132,6 +132,7 @@ pub struct Inbox {
     ack_when: AckWhen,
     keepalive_every: Duration,
     statuses: SourceStatuses,
+    keep_on_stop: bool,
 }
 
 impl Inbox {
@@ -147,7 +148,15 @@ impl Inbox {
             ack_when: AckWhen::Stored,
             keepalive_every: Duration::from_secs(10),
             statuses: SourceStatuses::default(),
+            keep_on_stop: false,
         }
+    }
+
+    /// For a bus that does not deliver a message again (core NATS): a message that arrives
+    /// while acceld stops has its tasks stored for the next start instead of being left.
+    pub fn keep_on_stop(mut self) -> Inbox {
+        self.keep_on_stop = true;
+        self
     }
 
     /// When messages count as done; with [`AckWhen::Finished`], `keepalive` runs every
@@ -230,7 +239,7 @@ impl Inbox {
                     }
                     return Disposition::Ack;
                 }
-                Err(SubmitError::ShuttingDown) => return Disposition::Stop,
+                Err(SubmitError::ShuttingDown) => return self.stopping(&parsed.events, msg).await,
                 Err(e) => {
                     failures += 1;
                     metrics.source_message(&self.source, if matches!(e, SubmitError::QueueFull { .. }) { "queue_full" } else { "store_error" });
@@ -241,9 +250,27 @@ impl Inbox {
                     keepalive().await;
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
-                        _ = self.shutdown.cancelled() => return Disposition::Stop,
+                        _ = self.shutdown.cancelled() => return self.stopping(&parsed.events, msg).await,
                     }
                 }
+            }
+        }
+    }
+
+    /// A message whose tasks acceld, stopping, no longer queues: left to its bus, or, with
+    /// [`keep_on_stop`](Self::keep_on_stop), stored for the next start.
+    async fn stopping(&self, events: &[Event], msg: &Message<'_>) -> Disposition {
+        if !self.keep_on_stop {
+            return Disposition::Stop;
+        }
+        match self.workers.accept_for_later(events).await {
+            Ok(_) => {
+                self.workers.metrics().source_message(&self.source, "accepted");
+                Disposition::Ack
+            }
+            Err(e) => {
+                tracing::warn!(source = %self.source, at = %msg.location, "acceld is stopping and cannot store the message's tasks: {e}");
+                Disposition::Stop
             }
         }
     }

@@ -27,6 +27,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const CORE_IN_FLIGHT: usize = 64;
 /// Read errors in a row after which the JetStream consumer is set up again.
 const MAX_READ_ERRORS: u32 = 10;
+/// On stopping, a core subscription's remaining messages are read until none comes for this long.
+const DRAIN_IDLE: Duration = Duration::from_millis(200);
 /// How often a running source looks at its connection, for health.
 const CONNECTION_CHECK: Duration = Duration::from_millis(500);
 
@@ -95,8 +97,9 @@ fn dead_letter(client: &async_nats::Client, subject: Option<&String>) -> Option<
     subject.map(|s| Arc::new(NatsDeadLetter { publisher: Publisher::new(client.clone(), s, false, CONNECT_TIMEOUT) }) as Arc<dyn DeadLetter>)
 }
 
-/// A core NATS subscription. Core NATS does not redeliver: a message that arrives while acceld
-/// stops is lost, so use JetStream where every event counts.
+/// A core NATS subscription. Core NATS does not redeliver: what the subscription received is
+/// stored as tasks even while acceld stops, but a message published while nobody is subscribed
+/// is gone, so use JetStream where every event counts.
 pub struct NatsSource {
     name: String,
     client: async_nats::Client,
@@ -108,7 +111,10 @@ impl NatsSource {
         let client = connect(&config.url, config.auth.as_ref(), CONNECT_TIMEOUT)
             .await
             .map_err(|why| SourceError::Connect { source_name: name.into(), url: config.url.clone(), why })?;
-        let inbox = Inbox::new(name, ctx.workers.clone(), dead_letter(&client, config.dead_letter_subject.as_ref()), ctx.shutdown.clone());
+        // Core NATS does not deliver a message again: one that comes in while acceld stops is
+        // stored for the next start.
+        let inbox = Inbox::new(name, ctx.workers.clone(), dead_letter(&client, config.dead_letter_subject.as_ref()), ctx.shutdown.clone())
+            .keep_on_stop();
         let source = NatsSource { name: name.into(), client, config: config.clone() };
         Ok((Arc::new(source), inbox))
     }
@@ -156,7 +162,7 @@ impl Source for NatsSource {
                 let m = Message { body: &msg.payload, content_type: ct.as_deref(), location: &location, key: None, headers: &texts };
                 let outcome = inbox.handle(&m).await;
                 if outcome == Disposition::Stop {
-                    tracing::warn!(source = %name, at = %location, "acceld is stopping; this message is not converted (core NATS does not deliver it again)");
+                    tracing::warn!(source = %name, at = %location, "acceld is stopping and could not store this message's tasks; it is lost (core NATS does not deliver it again)");
                 }
                 // A publisher that sent a request hears whether it was taken.
                 if let Some(reply) = msg.reply {
@@ -165,7 +171,24 @@ impl Source for NatsSource {
                 }
             });
         };
+        // The server sends no more; what the client holds already is stored for the next start.
         let _ = sub.unsubscribe().await;
+        if shutdown.is_cancelled() {
+            let mut kept = 0usize;
+            while let Ok(Some(msg)) = tokio::time::timeout(DRAIN_IDLE, sub.next()).await {
+                let location = format!("subject {}", msg.subject);
+                let ct = content_type(msg.headers.as_ref());
+                let texts = text_headers(msg.headers.as_ref());
+                let texts: Vec<(&str, &str)> = texts.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                let m = Message { body: &msg.payload, content_type: ct.as_deref(), location: &location, key: None, headers: &texts };
+                if inbox.handle(&m).await == Disposition::Ack {
+                    kept += 1;
+                }
+            }
+            if kept > 0 {
+                tracing::info!(source = %self.name, "took {kept} more message(s) received before unsubscribing; their tasks run at the next start");
+            }
+        }
         while running.join_next().await.is_some() {}
         result
     }

@@ -21,12 +21,19 @@ impl Acceld {
 
     /// Like [`start`](Self::start), with extra environment variables.
     pub async fn start_with_env(dir: &Path, registry: &str, body: &str, env: &[(&str, &str)]) -> Acceld {
+        Self::start_with(dir, registry, body, env, "").await
+    }
+
+    /// Like [`start_with_env`](Self::start_with_env); `tasks` holds more settings of the
+    /// `tasks` section (`queue_size: 1`).
+    pub async fn start_with(dir: &Path, registry: &str, body: &str, env: &[(&str, &str)], tasks: &str) -> Acceld {
         std::fs::create_dir_all(dir).unwrap();
         let port = free_port();
+        let more = if tasks.is_empty() { String::new() } else { format!(", {tasks}") };
         let config = format!(
-            "server: {{ listen: \"127.0.0.1:{port}\", shutdown_grace_secs: 30 }}\nstore: {{ kind: embedded, path: \"{store}\" }}\nregistries: {{ \"{registry}\": {{}} }}\ntasks: {{ path: \"{tasks}\", retry_backoff_secs: 1 }}\n{body}",
+            "server: {{ listen: \"127.0.0.1:{port}\", shutdown_grace_secs: 30 }}\nstore: {{ kind: embedded, path: \"{store}\" }}\nregistries: {{ \"{registry}\": {{}} }}\ntasks: {{ path: \"{tasks_path}\", retry_backoff_secs: 1{more} }}\n{body}",
             store = dir.join("store").display(),
-            tasks = dir.join("tasks.redb").display(),
+            tasks_path = dir.join("tasks.redb").display(),
         );
         std::fs::write(dir.join("pipelines.yaml"), config).unwrap();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("acceld.log")).unwrap();
