@@ -630,3 +630,85 @@ pipelines:
     }
     drop(d);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_that_fails_shows_in_health_until_its_results_go_through() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let reg = RegistryServer::start(RegistryAuth::None);
+    let nats = NatsServer::start();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    // A receiver that answers 503 while `down`, and counts what it took.
+    let down = Arc::new(AtomicBool::new(true));
+    let took = Arc::new(AtomicUsize::new(0));
+    let (d2, t2) = (down.clone(), took.clone());
+    let app = axum::Router::new().route(
+        "/results",
+        axum::routing::post(move || {
+            let (down, took) = (d2.clone(), t2.clone());
+            async move {
+                if down.load(Ordering::SeqCst) {
+                    (axum::http::StatusCode::SERVICE_UNAVAILABLE, "down")
+                } else {
+                    took.fetch_add(1, Ordering::SeqCst);
+                    (axum::http::StatusCode::OK, "ok")
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/results", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let url = nats.url();
+    let body = format!(
+        r#"
+sources:
+  core: {{ kind: nats, url: "{url}", subject: core.images }}
+sinks:
+  hook: {{ kind: http, url: "{hook}", max_attempts: 1 }}
+pipelines:
+  - name: accelerate
+    convert: [{{ driver: estargz, options: {{ compression_level: 1 }} }}]
+    sinks: [hook]
+"#
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = Acceld::start(dir.path(), &reg.host(), &body).await;
+    let h = health(&d).await;
+    assert_eq!((h["status"].as_str(), h["sinks"]["hook"]["state"].as_str()), (Some("ok"), Some("delivering")), "{h}");
+
+    let app = handmade_image().build().push(&reg.host(), "library/app:1");
+    client.publish("core.images", json!({ "reference": format!("{}@{}", app.reference, app.digest) }).to_string().into()).await.unwrap();
+    client.flush().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let h = loop {
+        let h = health(&d).await;
+        if h["sinks"]["hook"]["state"] == "failing" {
+            break h;
+        }
+        assert!(Instant::now() < deadline, "health never shows the sink failing: {h}\n{}", d.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(h["status"], "degraded", "{h}");
+    assert!(h["sinks"]["hook"]["error"].as_str().is_some_and(|e| e.contains("503")), "{h}");
+    assert!(h["message"].as_str().is_some_and(|m| m.contains("hook")), "{h}");
+    assert!(d.metrics().await.lines().any(|l| l == "accel_sink_up{sink=\"hook\"} 0"));
+    assert_eq!(took.load(Ordering::SeqCst), 0);
+
+    // The receiver is back: the held result goes through, and health is ok again.
+    down.store(false, Ordering::SeqCst);
+    wait_for_sinks_ok(&d, Duration::from_secs(60)).await;
+    assert_eq!(took.load(Ordering::SeqCst), 1);
+    assert!(d.metrics().await.lines().any(|l| l == "accel_sink_up{sink=\"hook\"} 1"));
+}
+
+async fn wait_for_sinks_ok(d: &Acceld, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let h = health(d).await;
+        if h["status"] == "ok" && h["sinks"].as_object().is_some_and(|s| s.values().all(|v| v["state"] == "delivering")) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "health not ok within {within:?}: {h}\n{}", d.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -108,7 +108,7 @@ pub async fn serve(config: Config, runner: Arc<dyn Runner>, listener: TcpListene
             return Err(e.into());
         }
     };
-    let app = router(AppState::with_forward(&config, workers.clone(), forward).with_sources(sources.statuses())).into_make_service_with_connect_info::<SocketAddr>();
+    let app = router(AppState::with_forward(&config, workers.clone(), forward).with_sources(sources.statuses()).with_sinks(delivery.statuses())).into_make_service_with_connect_info::<SocketAddr>();
     let addr = listener.local_addr().map_err(RunError::Serve)?;
     tracing::info!("[API] HTTP server started on {addr}");
     let stop_http = shutdown.clone();

@@ -32,6 +32,7 @@ use crate::pipeline::worker::SubmitError;
 use crate::pipeline::{Router, Workers};
 use crate::sources::forward::Forward;
 use crate::sources::harbor::{self, PayloadError, Webhook};
+use crate::sinks::SinkStatuses;
 use crate::sources::SourceStatuses;
 
 pub const CONVERSIONS_PATH: &str = "/api/v1/conversions";
@@ -58,6 +59,7 @@ struct Inner {
     started: Instant,
     /// States of the bus sources, shown by the health answer.
     sources: SourceStatuses,
+    sinks: SinkStatuses,
 }
 
 impl AppState {
@@ -77,6 +79,7 @@ impl AppState {
                 http: HttpMetrics::default(),
                 started: Instant::now(),
                 sources: SourceStatuses::default(),
+                sinks: SinkStatuses::default(),
             }),
         }
     }
@@ -85,6 +88,13 @@ impl AppState {
     /// shared (cloned).
     pub fn with_sources(mut self, sources: SourceStatuses) -> Self {
         Arc::get_mut(&mut self.inner).expect("with_sources is called before the state is shared").sources = sources;
+        self
+    }
+
+    /// Shows these sinks' states in the health answer and metrics. Call before the state is
+    /// shared (cloned).
+    pub fn with_sinks(mut self, sinks: SinkStatuses) -> Self {
+        Arc::get_mut(&mut self.inner).expect("with_sinks is called before the state is shared").sinks = sinks;
         self
     }
 }
@@ -350,14 +360,26 @@ async fn health(State(st): State<AppState>) -> Response {
         return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "unhealthy", why).into_response();
     }
     let sources = st.inner.sources.snapshot();
+    let sinks = st.inner.sinks.snapshot();
     let mut body = serde_json::json!({ "status": "ok" });
+    let mut trouble = Vec::new();
     if !sources.is_empty() {
         let failing = st.inner.sources.failing();
         if !failing.is_empty() {
-            body["status"] = "degraded".into();
-            body["message"] = format!("source(s) {} cannot read and are being started again", failing.join(", ")).into();
+            trouble.push(format!("source(s) {} not reading", failing.join(", ")));
         }
         body["sources"] = serde_json::to_value(sources).unwrap_or_default();
+    }
+    if !sinks.is_empty() {
+        let failing = st.inner.sinks.failing();
+        if !failing.is_empty() {
+            trouble.push(format!("sink(s) {} failing (results wait in the task database)", failing.join(", ")));
+        }
+        body["sinks"] = serde_json::to_value(sinks).unwrap_or_default();
+    }
+    if !trouble.is_empty() {
+        body["status"] = "degraded".into();
+        body["message"] = trouble.join("; ").into();
     }
     axum::Json(body).into_response()
 }
@@ -368,6 +390,7 @@ async fn metrics(State(st): State<AppState>) -> Response {
     w.metrics().render(&mut out, &w.queue_depths());
     st.inner.http.render(&mut out);
     st.inner.sources.render(&mut out);
+    st.inner.sinks.render(&mut out);
     let _ = writeln!(out, "# HELP accel_uptime_seconds Time since acceld started.");
     let _ = writeln!(out, "# TYPE accel_uptime_seconds gauge");
     let _ = writeln!(out, "accel_uptime_seconds {}", st.inner.started.elapsed().as_secs_f64());

@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{ResultEvent, Sink};
+use super::{ResultEvent, Sink, SinkStatuses};
 use crate::config::Config;
 use crate::pipeline::metrics::TaskMetrics;
 use crate::pipeline::tasks::{TaskStore, Undelivered};
@@ -64,6 +64,7 @@ struct Inner {
     backoff: Backoff,
     stop: CancellationToken,
     loops: Mutex<Vec<JoinHandle<()>>>,
+    statuses: SinkStatuses,
 }
 
 impl Delivery {
@@ -75,7 +76,12 @@ impl Delivery {
             .map(|p| (p.name.clone(), p.sinks.iter().filter(|s| sinks.contains_key(*s)).cloned().collect()))
             .collect();
         let wake = sinks.keys().map(|k| (k.clone(), Arc::new(Notify::new()))).collect();
-        let inner = Arc::new(Inner { store, routes, sinks, wake, metrics, backoff, stop: CancellationToken::new(), loops: Mutex::new(Vec::new()) });
+        let statuses = SinkStatuses::default();
+        for name in sinks.keys() {
+            statuses.add(name);
+        }
+        let inner =
+            Arc::new(Inner { store, routes, sinks, wake, metrics, backoff, stop: CancellationToken::new(), loops: Mutex::new(Vec::new()), statuses });
         let mut loops = Vec::new();
         for (name, sink) in &inner.sinks {
             let (i, name, sink) = (inner.clone(), name.clone(), sink.clone());
@@ -86,6 +92,11 @@ impl Delivery {
         let check = d.clone();
         tokio::spawn(async move { check.warn_about_unknown_sinks().await });
         d
+    }
+
+    /// Whether each sink takes results, for health and metrics.
+    pub fn statuses(&self) -> SinkStatuses {
+        self.inner.statuses.clone()
     }
 
     async fn warn_about_unknown_sinks(&self) {
@@ -195,11 +206,13 @@ impl Inner {
         loop {
             match sink.send(event).await {
                 Ok(()) => {
+                    self.statuses.delivered(name);
                     self.metrics.sink_delivery(name, "ok");
                     tracing::debug!(sink = %name, task = %event.id, "result delivered");
                     return true;
                 }
                 Err(e) if !e.is_retryable() => {
+                    self.statuses.delivered(name);
                     self.metrics.sink_delivery(name, "rejected");
                     tracing::error!(sink = %name, task = %event.id, source = %event.subject, "result dropped: {e}");
                     return true;
@@ -208,6 +221,7 @@ impl Inner {
                     failures += 1;
                     self.metrics.sink_delivery(name, "error");
                     let wait = self.backoff.after(failures);
+                    self.statuses.failed(name, failures, e.to_string());
                     tracing::warn!(sink = %name, task = %event.id, "cannot deliver the result (try {failures}), again in {wait:?}: {e}");
                     if self.pause(wait).await {
                         return false;

@@ -10,6 +10,7 @@ pub mod http;
 pub mod kafka;
 pub mod nats;
 pub mod result;
+pub mod status;
 pub mod stdout;
 
 use std::collections::BTreeMap;
@@ -20,6 +21,7 @@ use async_trait::async_trait;
 
 pub use delivery::Delivery;
 pub use result::ResultEvent;
+pub use status::SinkStatuses;
 
 use crate::config::{Config, SinkConfig};
 
