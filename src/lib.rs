@@ -18,6 +18,10 @@ pub mod store;
 
 pub use api::run;
 
+/// The log filter when `RUST_LOG` is not set: accel's lines at info, the notes nydus's crates
+/// write while building (RAFS features and the like) only when they warn.
+pub const DEFAULT_LOG_FILTER: &str = "info,nydus_api=warn,nydus_builder=warn,nydus_rafs=warn,nydus_storage=warn,nydus_utils=warn";
+
 /// The message of `e` followed by those of its causes, `: `-separated, leaving out a cause whose
 /// text the message already carries (most errors here name their cause in their own message,
 /// and a plain chain would repeat it).

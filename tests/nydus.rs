@@ -823,3 +823,28 @@ fn bad_options_and_unsupported_layers_fail_clearly() {
         "nothing is pushed"
     );
 }
+
+#[test]
+fn the_default_log_has_accels_lines_and_not_nydus_build_notes() {
+    let server = RegistryServer::start(RegistryAuth::None);
+    let pushed = debian_image("amd64").build().push(&server.host(), "library/debian:log");
+    let ws = Workspace::new();
+    let out = Command::new(env!("CARGO_BIN_EXE_accelctl"))
+        .arg("convert")
+        .arg("--config")
+        .arg(ws.dir.path().join("pipelines.yaml"))
+        .args(["--driver", "nydus", &pushed.reference])
+        .env("DOCKER_CONFIG", ws.dir.path().join("docker"))
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("pushed image"), "{err}");
+    assert!(!err.contains("nydus_rafs") && !err.contains("RAFS features"), "{err}");
+    // Asked for, nydus's notes are there.
+    let out = ws.convert(&["--driver", "nydus", "--tag-suffix", "-again", &pushed.reference]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("RAFS features"), "{err}");
+}
