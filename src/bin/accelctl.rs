@@ -218,7 +218,11 @@ fn print_result(result: &ConvertResult, output: Output) -> anyhow::Result<()> {
     match output {
         Output::Json => println!("{}", serde_json::to_string(result)?),
         Output::Text => {
-            println!("source  {}@{}", result.source, result.source_digest);
+            // A source named by digest carries it already.
+            match result.source.digest() {
+                Some(_) => println!("source  {}", result.source),
+                None => println!("source  {}@{}", result.source, result.source_digest),
+            }
             for t in &result.targets {
                 println!("{:<8}{}@{}  ({} bytes)", t.driver.as_str(), t.reference, t.digest, t.size);
             }

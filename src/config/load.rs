@@ -50,8 +50,14 @@ const MAX_RETENTION_SECS: u64 = 100 * 365 * 24 * 3600;
 /// `host:port` or `[v6]:port`, with a port number.
 fn check_listen(listen: &str) -> Result<(), String> {
     let (host, port) = listen.rsplit_once(':').ok_or_else(|| format!("{listen:?} is not host:port (for example 127.0.0.1:2077)"))?;
-    if host.is_empty() || host.chars().any(char::is_whitespace) {
+    if listen.chars().any(char::is_whitespace) {
+        return Err(format!("{listen:?} holds a space"));
+    }
+    if host.is_empty() {
         return Err(format!("{listen:?} names no host (for example 0.0.0.0:2077 for every address)"));
+    }
+    if host.contains('/') {
+        return Err(format!("{listen:?} is not host:port; leave out the scheme and path (for example 127.0.0.1:2077)"));
     }
     port.parse::<u16>().map_err(|_| format!("{listen:?}: {port:?} is not a port number (0 to 65535)"))?;
     Ok(())
@@ -63,8 +69,8 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-        if text.trim().is_empty() {
-            let problem = Problem { path: String::new(), message: "the file is empty; see pipelines.yaml in the project for an example".into() };
+        if text.trim().is_empty() || matches!(serde_yaml::from_str::<Value>(&text), Ok(Value::Null)) {
+            let problem = Problem { path: String::new(), message: "the file is empty (or holds only comments); see pipelines.yaml in the project for an example".into() };
             return Err(ConfigError::Invalid { origin: path.display().to_string(), problems: vec![problem] });
         }
         Config::parse(&text, &path.display().to_string(), &|k| std::env::var(k).ok())

@@ -354,7 +354,7 @@ mod by_kind {
         fn values_acceld_could_not_use_are_refused_at_load() {
             let e = problem("server: { max_body_bytes: 0 }");
             assert!(e.starts_with("server.max_body_bytes: must be at least 1 byte"), "{e}");
-            for bad in ["not-an-addr", "localhost:99999", ":2077", "h: x"] {
+            for bad in ["not-an-addr", "localhost:99999", ":2077", "h: x", " 127.0.0.1:2077", "http://127.0.0.1:2077"] {
                 let e = problem(&format!("server: {{ listen: \"{bad}\" }}"));
                 assert!(e.starts_with("server.listen: "), "{bad}: {e}");
             }
@@ -385,9 +385,11 @@ mod by_kind {
         fn an_empty_file_is_refused() {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("pipelines.yaml");
-            std::fs::write(&path, "\n  \n").unwrap();
-            let e = Config::load(&path).unwrap_err().to_string();
-            assert!(e.contains("the file is empty"), "{e}");
+            for text in ["\n  \n", "# only a comment\n", "---\n"] {
+                std::fs::write(&path, text).unwrap();
+                let e = Config::load(&path).unwrap_err().to_string();
+                assert!(e.contains("the file is empty"), "{text:?}: {e}");
+            }
         }
     }
 }

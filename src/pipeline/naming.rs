@@ -27,8 +27,10 @@ impl TargetNaming {
     /// source image with its conversion.
     pub fn target_for(&self, source: &Reference) -> Result<Reference, ReferenceError> {
         let target = self.name(source)?;
-        let same = target.registry() == source.registry() && target.repository() == source.repository() && target.tag() == source.tag();
-        if source.tag().is_some() && same {
+        // A source with neither tag nor digest is its `latest` tag.
+        let source_tag = source.tag().or(source.digest().is_none().then_some("latest"));
+        let same = target.registry() == source.registry() && target.repository() == source.repository() && target.tag() == source_tag;
+        if source_tag.is_some() && same {
             return Err(ReferenceError::Invalid {
                 reference: target.to_string(),
                 why: "is the source image's own tag: converting onto it would replace the source; name another tag or suffix".into(),
@@ -115,6 +117,11 @@ mod tests {
         assert_eq!(other.target_for(&src).unwrap().to_string(), "h.io/accelerated/nginx:1.25");
         let pinned: Reference = format!("h.io/lib/nginx@sha256:{HEX}").parse().unwrap();
         assert!(suffix("").target_for(&pinned).is_ok());
+        // No tag and no digest is `latest`.
+        let bare: Reference = "h.io/lib/nginx".parse().unwrap();
+        assert!(TargetNaming::Exact("h.io/lib/nginx:latest".parse().unwrap()).target_for(&bare).is_err());
+        assert!(TargetNaming::Exact("h.io/lib/nginx".parse().unwrap()).target_for(&bare).is_err());
+        assert!(suffix("").target_for(&bare).is_err());
         assert_eq!(check_suffix("-esgz"), Ok(()));
         assert!(check_suffix("/../").is_err());
         assert!(check_suffix("-é").unwrap_err().contains("ASCII"));
