@@ -623,6 +623,9 @@ impl Shared {
         }
         let pinned = match task.source.digest() {
             Some(_) => task.source.clone(),
+            // A reference with neither tag nor digest names `latest`, and its targets are named
+            // from that tag, as `accelctl convert` names them.
+            None if task.source.tag().is_none() => task.source.with_tag("latest").unwrap_or_else(|_| task.source.clone()).with_digest(resolved.digest),
             None => task.source.with_digest(resolved.digest),
         };
         if task.source.digest().is_none() {
@@ -799,6 +802,15 @@ mod tests {
         assert_eq!(done.attempts.len(), 1);
         assert!(done.finished.is_some());
         assert_eq!(s.workers.store().get(done.id).await.unwrap().unwrap(), done);
+    }
+
+    #[tokio::test]
+    async fn a_source_without_tag_or_digest_is_its_latest_tag() {
+        let s = setup(Fake::default(), options(8)).await;
+        let sub = accept_one(&s.workers, "h.io/lib/a").await;
+        let done = s.workers.wait(sub.task.id).await.unwrap();
+        assert_eq!(done.status, TaskStatus::Completed, "{done:?}");
+        assert_eq!(done.targets[0].reference.to_string(), "h.io/lib/a:latest-esgz");
     }
 
     #[tokio::test]
