@@ -165,7 +165,12 @@ fn output_is_deterministic_and_a_rerun_reuses_the_store() {
     // Converting again from a warm store gives the same result without pulling.
     let out = ws.convert(&["--tag-suffix", "-two", &pushed.reference]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(!String::from_utf8_lossy(&out.stderr).contains("pulled layer"), "a warm store should not pull again");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("pulled layer"), "a warm store should not pull again");
+    // Each finished step is numbered, 1, 2, 3 …, with no running total that would keep growing.
+    let numbers: Vec<u64> = err.lines().filter_map(|l| l.split_once("] ")?.0.rsplit_once('[')?.1.parse().ok()).collect();
+    assert!(numbers.len() >= 3, "{err}");
+    assert_eq!(numbers, (1..=numbers.len() as u64).collect::<Vec<_>>(), "{err}");
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! Progress of a conversion: log lines for services and pipes, a bar on a terminal.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -45,26 +45,21 @@ pub trait Progress: Send + Sync {
     }
 }
 
-/// Log lines only: stages at info, each finished step at info with a running count.
+/// Log lines only: stages at info, each finished step at info with a running number. No total
+/// is shown: blobs to push become known only as layers are converted, so it would keep growing.
 #[derive(Default)]
 pub struct LogProgress {
-    counts: Mutex<(u64, u64)>,
+    done: AtomicU64,
 }
 
 impl Progress for LogProgress {
     fn stage(&self, stage: Stage, reference: &Reference) {
         tracing::info!(module = %"converter", "{} {}", stage.verb(), reference);
     }
-    fn add_steps(&self, steps: u64) {
-        self.counts.lock().unwrap().1 += steps;
-    }
+    fn add_steps(&self, _steps: u64) {}
     fn step_done(&self, what: &str) {
-        let (done, total) = {
-            let mut c = self.counts.lock().unwrap();
-            c.0 += 1;
-            *c
-        };
-        tracing::info!(module = %"converter", "[{done}/{total}] {what}");
+        let done = self.done.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::info!(module = %"converter", "[{done}] {what}");
     }
     fn layer_decoded(&self, layer: &Digest, bytes: u64, drivers: usize) {
         tracing::debug!(module = %"converter", %layer, bytes, drivers, "decoded source layer once for every driver");
