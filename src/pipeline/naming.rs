@@ -29,7 +29,7 @@ impl TargetNaming {
         let target = self.name(source)?;
         // A source with neither tag nor digest is its `latest` tag.
         let source_tag = source.tag().or(source.digest().is_none().then_some("latest"));
-        let same = target.registry() == source.registry() && target.repository() == source.repository() && target.tag() == source_tag;
+        let same = same_registry(target.registry(), source.registry()) && target.repository() == source.repository() && target.tag() == source_tag;
         if source_tag.is_some() && same {
             return Err(ReferenceError::Invalid {
                 reference: target.to_string(),
@@ -59,6 +59,21 @@ impl TargetNaming {
             }
         }
     }
+}
+
+/// Whether two registry hosts are the same server: host names compare without case, and the
+/// loopback names (`localhost`, `127.0.0.1`, `[::1]`) are one host.
+fn same_registry(a: &str, b: &str) -> bool {
+    fn key(r: &str) -> (String, &str) {
+        let (host, port) = match r.rsplit_once(':') {
+            Some((h, p)) if !p.contains(']') => (h, p),
+            _ => (r, ""),
+        };
+        let host = host.to_ascii_lowercase();
+        let host = if matches!(host.as_str(), "localhost" | "127.0.0.1" | "[::1]") { "loopback".to_string() } else { host };
+        (host, port)
+    }
+    key(a) == key(b)
 }
 
 /// Checks a tag suffix as given in the config or on the command line.
@@ -117,6 +132,12 @@ mod tests {
         assert_eq!(other.target_for(&src).unwrap().to_string(), "h.io/accelerated/nginx:1.25");
         let pinned: Reference = format!("h.io/lib/nginx@sha256:{HEX}").parse().unwrap();
         assert!(suffix("").target_for(&pinned).is_ok());
+        // The same server by another name.
+        let local: Reference = "127.0.0.1:5000/lib/nginx:1".parse().unwrap();
+        for other in ["localhost:5000/lib/nginx:1", "LOCALHOST:5000/lib/nginx:1", "[::1]:5000/lib/nginx:1"] {
+            assert!(TargetNaming::Exact(other.parse().unwrap()).target_for(&local).is_err(), "{other}");
+        }
+        assert!(TargetNaming::Exact("localhost:5001/lib/nginx:1".parse().unwrap()).target_for(&local).is_ok());
         // No tag and no digest is `latest`.
         let bare: Reference = "h.io/lib/nginx".parse().unwrap();
         assert!(TargetNaming::Exact("h.io/lib/nginx:latest".parse().unwrap()).target_for(&bare).is_err());
