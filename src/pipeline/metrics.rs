@@ -53,6 +53,19 @@ pub fn label(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
+/// Writes a 0/1 gauge with one series per `(label value, up)`, or nothing when there are none.
+pub fn write_up_gauge(out: &mut String, metric: &str, help: &str, label_name: &str, series: impl IntoIterator<Item = (String, bool)>) {
+    let mut series = series.into_iter().peekable();
+    if series.peek().is_none() {
+        return;
+    }
+    let _ = writeln!(out, "# HELP {metric} {help}");
+    let _ = writeln!(out, "# TYPE {metric} gauge");
+    for (value, up) in series {
+        let _ = writeln!(out, "{metric}{{{label_name}=\"{}\"}} {}", label(&value), u8::from(up));
+    }
+}
+
 /// How an attempt at a task ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum AttemptOutcome {

@@ -3,11 +3,12 @@
 //! sent again.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+
+use crate::pipeline::metrics::write_up_gauge;
 
 /// One sink's state as the health answer shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -70,16 +71,13 @@ impl SinkStatuses {
 
     /// `accel_sink_up{sink}`: 1 while delivering, 0 while failing.
     pub fn render(&self, out: &mut String) {
-        let all = self.snapshot();
-        if all.is_empty() {
-            return;
-        }
-        let _ = writeln!(out, "# HELP accel_sink_up Whether a result sink takes results (1) or its last try failed and is being repeated (0).");
-        let _ = writeln!(out, "# TYPE accel_sink_up gauge");
-        for (name, s) in all {
-            let up = u8::from(s.state == SinkState::Delivering);
-            let _ = writeln!(out, "accel_sink_up{{sink=\"{}\"}} {up}", name.replace('\\', "\\\\").replace('"', "\\\""));
-        }
+        write_up_gauge(
+            out,
+            "accel_sink_up",
+            "Whether a result sink takes results (1) or its last try failed and is being repeated (0).",
+            "sink",
+            self.snapshot().into_iter().map(|(name, s)| (name, s.state == SinkState::Delivering)),
+        );
     }
 }
 

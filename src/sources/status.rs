@@ -3,11 +3,12 @@
 //! after an error (with the error and how many times in a row).
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+
+use crate::pipeline::metrics::write_up_gauge;
 
 /// One source's state as the health answer shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -99,16 +100,13 @@ impl SourceStatuses {
 
     /// `accel_source_up{source}`: 1 while reading, 0 while disconnected or restarting.
     pub fn render(&self, out: &mut String) {
-        let all = self.snapshot();
-        if all.is_empty() {
-            return;
-        }
-        let _ = writeln!(out, "# HELP accel_source_up Whether a bus source is reading (1), or cannot reach its bus or is waiting to start again after an error (0).");
-        let _ = writeln!(out, "# TYPE accel_source_up gauge");
-        for (name, s) in all {
-            let up = u8::from(s.state == SourceState::Reading);
-            let _ = writeln!(out, "accel_source_up{{source=\"{}\"}} {up}", name.replace('\\', "\\\\").replace('"', "\\\""));
-        }
+        write_up_gauge(
+            out,
+            "accel_source_up",
+            "Whether a bus source is reading (1), or cannot reach its bus or is waiting to start again after an error (0).",
+            "source",
+            self.snapshot().into_iter().map(|(name, s)| (name, s.state == SourceState::Reading)),
+        );
     }
 }
 
