@@ -461,7 +461,7 @@ pipelines:
     let dir = tempfile::tempdir().unwrap();
     let acceld = Acceld::start(dir.path(), &reg.host(), &body).await;
     assert!(acceld.log().contains("has ack_wait 1s"), "the differing deadline is reported:\n{}", acceld.log());
-    let health: Value = reqwest::get(acceld.url("/api/v1/health")).await.unwrap().json().await.unwrap();
+    let health = health(&acceld).await;
     assert_eq!((health["status"].as_str(), health["sources"]["bus"]["state"].as_str()), (Some("ok"), Some("reading")), "{health}");
 
     // Seconds of conversion, far past the 1 s deadline: keep-alives paced by the consumer's
@@ -484,15 +484,7 @@ pipelines:
 
     // The consumer goes away: the source cannot read, and health says so until it can.
     js.get_stream("IMAGES").await.unwrap().delete_consumer("acceld").await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let health = loop {
-        let h: Value = reqwest::get(acceld.url("/api/v1/health")).await.unwrap().json().await.unwrap();
-        if h["sources"]["bus"]["state"] == "restarting" {
-            break h;
-        }
-        assert!(Instant::now() < deadline, "health never shows the source failing: {h}\n{}", acceld.log());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let health = wait_for_sources(&acceld, &["bus"], "restarting", Duration::from_secs(120)).await;
     assert_eq!(health["status"], "degraded", "{health}");
     assert!(health["sources"]["bus"]["error"].as_str().is_some_and(|e| !e.is_empty()), "{health}");
     assert!(acceld.metrics().await.lines().any(|l| l == "accel_source_up{source=\"bus\"} 0"));
@@ -502,17 +494,22 @@ async fn health(d: &Acceld) -> Value {
     reqwest::get(d.url("/api/v1/health")).await.unwrap().json().await.unwrap()
 }
 
-/// Waits until health shows `state` for each of `sources`, and returns that answer.
-async fn wait_for_sources(d: &Acceld, sources: &[&str], state: &str, within: Duration) -> Value {
+/// Waits until the health answer is `ok` by `what`, and returns it.
+async fn wait_for_health(d: &Acceld, what: &str, within: Duration, ok: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + within;
     loop {
         let h = health(d).await;
-        if sources.iter().all(|s| h["sources"][s]["state"] == state) {
+        if ok(&h) {
             return h;
         }
-        assert!(Instant::now() < deadline, "health does not show {sources:?} {state} within {within:?}: {h}\n{}", d.log());
+        assert!(Instant::now() < deadline, "health does not show {what} within {within:?}: {h}\n{}", d.log());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Waits until health shows `state` for each of `sources`, and returns that answer.
+async fn wait_for_sources(d: &Acceld, sources: &[&str], state: &str, within: Duration) -> Value {
+    wait_for_health(d, &format!("{sources:?} {state}"), within, |h| sources.iter().all(|s| h["sources"][s]["state"] == state)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -679,15 +676,7 @@ pipelines:
     let app = handmade_image().build().push(&reg.host(), "library/app:1");
     client.publish("core.images", json!({ "reference": format!("{}@{}", app.reference, app.digest) }).to_string().into()).await.unwrap();
     client.flush().await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let h = loop {
-        let h = health(&d).await;
-        if h["sinks"]["hook"]["state"] == "failing" {
-            break h;
-        }
-        assert!(Instant::now() < deadline, "health never shows the sink failing: {h}\n{}", d.log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let h = wait_for_health(&d, "the sink failing", Duration::from_secs(120), |h| h["sinks"]["hook"]["state"] == "failing").await;
     assert_eq!(h["status"], "degraded", "{h}");
     assert!(h["sinks"]["hook"]["error"].as_str().is_some_and(|e| e.contains("503")), "{h}");
     assert!(h["message"].as_str().is_some_and(|m| m.contains("hook")), "{h}");
@@ -696,19 +685,7 @@ pipelines:
 
     // The receiver is back: the held result goes through, and health is ok again.
     down.store(false, Ordering::SeqCst);
-    wait_for_sinks_ok(&d, Duration::from_secs(60)).await;
+    wait_for_health(&d, "ok with the sink delivering", Duration::from_secs(60), |h| h["status"] == "ok" && h["sinks"]["hook"]["state"] == "delivering").await;
     assert_eq!(took.load(Ordering::SeqCst), 1);
     assert!(d.metrics().await.lines().any(|l| l == "accel_sink_up{sink=\"hook\"} 1"));
-}
-
-async fn wait_for_sinks_ok(d: &Acceld, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let h = health(d).await;
-        if h["status"] == "ok" && h["sinks"].as_object().is_some_and(|s| s.values().all(|v| v["state"] == "delivering")) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "health not ok within {within:?}: {h}\n{}", d.log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }

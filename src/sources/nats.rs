@@ -61,14 +61,33 @@ impl DeadLetter for NatsDeadLetter {
     }
 }
 
-fn content_type(h: Option<&HeaderMap>) -> Option<String> {
-    h.and_then(|h| h.get("Content-Type").or_else(|| h.get("content-type"))).map(|v| v.as_str().to_string())
+/// Hands one NATS message to the inbox, with its `Content-Type` and its other headers (as text
+/// pairs; a header with several values gives several pairs).
+async fn hand_in<F, Fut>(inbox: &Inbox, body: &[u8], headers: Option<&HeaderMap>, location: &str, keepalive: F) -> Disposition
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let texts: Vec<(String, String)> =
+        headers.iter().flat_map(|h| h.iter()).flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.as_str().to_string()))).collect();
+    let pairs: Vec<(&str, &str)> = texts.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let content_type = pairs.iter().find(|(k, _)| k.eq_ignore_ascii_case("content-type")).map(|(_, v)| *v);
+    let m = Message { body, content_type, location, key: None, headers: &pairs };
+    inbox.handle_keepalive(&m, keepalive).await
 }
 
-/// A message's headers as text pairs (a header with several values gives several pairs).
-fn text_headers(h: Option<&HeaderMap>) -> Vec<(String, String)> {
-    let Some(h) = h else { return Vec::new() };
-    h.iter().flat_map(|(k, vs)| vs.iter().map(move |v| (k.to_string(), v.as_str().to_string()))).collect()
+/// Hands a core NATS message to the inbox, and answers a request with whether it was taken.
+async fn take_core(inbox: &Inbox, client: &async_nats::Client, name: &str, msg: async_nats::Message) -> Disposition {
+    let location = format!("subject {}", msg.subject);
+    let outcome = hand_in(inbox, &msg.payload, msg.headers.as_ref(), &location, || async {}).await;
+    if outcome == Disposition::Stop {
+        tracing::warn!(source = %name, at = %location, "acceld is stopping and could not store this message's tasks; it is lost (core NATS does not deliver it again)");
+    }
+    if let Some(reply) = msg.reply {
+        let answer = if outcome == Disposition::Ack { "{\"accepted\":true}" } else { "{\"accepted\":false}" };
+        let _ = client.publish(reply, Bytes::from_static(answer.as_bytes())).await;
+    }
+    outcome
 }
 
 /// Shows in the source's status whether its client reaches a NATS server, while the source
@@ -155,20 +174,7 @@ impl Source for NatsSource {
             let (inbox, client, name) = (inbox.clone(), self.client.clone(), self.name.clone());
             running.spawn(async move {
                 let _permit = permit;
-                let ct = content_type(msg.headers.as_ref());
-                let location = format!("subject {}", msg.subject);
-                let texts = text_headers(msg.headers.as_ref());
-                let texts: Vec<(&str, &str)> = texts.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-                let m = Message { body: &msg.payload, content_type: ct.as_deref(), location: &location, key: None, headers: &texts };
-                let outcome = inbox.handle(&m).await;
-                if outcome == Disposition::Stop {
-                    tracing::warn!(source = %name, at = %location, "acceld is stopping and could not store this message's tasks; it is lost (core NATS does not deliver it again)");
-                }
-                // A publisher that sent a request hears whether it was taken.
-                if let Some(reply) = msg.reply {
-                    let answer = if outcome == Disposition::Ack { "{\"accepted\":true}" } else { "{\"accepted\":false}" };
-                    let _ = client.publish(reply, Bytes::from_static(answer.as_bytes())).await;
-                }
+                take_core(&inbox, &client, &name, msg).await;
             });
         };
         // The server sends no more; what the client holds already is stored for the next start.
@@ -176,12 +182,7 @@ impl Source for NatsSource {
         if shutdown.is_cancelled() {
             let mut kept = 0usize;
             while let Ok(Some(msg)) = tokio::time::timeout(DRAIN_IDLE, sub.next()).await {
-                let location = format!("subject {}", msg.subject);
-                let ct = content_type(msg.headers.as_ref());
-                let texts = text_headers(msg.headers.as_ref());
-                let texts: Vec<(&str, &str)> = texts.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-                let m = Message { body: &msg.payload, content_type: ct.as_deref(), location: &location, key: None, headers: &texts };
-                if inbox.handle(&m).await == Disposition::Ack {
+                if take_core(inbox, &self.client, &self.name, msg).await == Disposition::Ack {
                     kept += 1;
                 }
             }
@@ -340,15 +341,11 @@ impl Source for JetStreamSource {
                     Ok(i) => format!("stream {} sequence {} delivery {}", i.stream, i.stream_sequence, i.delivered),
                     Err(_) => format!("subject {}", msg.subject),
                 };
-                let ct = content_type(msg.headers.as_ref());
-                let texts = text_headers(msg.headers.as_ref());
-                let texts: Vec<(&str, &str)> = texts.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-                let m = Message { body: &msg.payload, content_type: ct.as_deref(), location: &location, key: None, headers: &texts };
                 let keepalive = || async {
                     // Still working on it: the server must not hand it to another consumer yet.
                     let _ = msg.ack_with(AckKind::Progress).await;
                 };
-                match inbox.handle_keepalive(&m, keepalive).await {
+                match hand_in(&inbox, &msg.payload, msg.headers.as_ref(), &location, keepalive).await {
                     Disposition::Ack => {
                         // Waits for the server's confirmation, so that a taken message is not
                         // delivered to another instance as well.
